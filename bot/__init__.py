@@ -1,0 +1,1 @@
+"""The Discord bot: chat, reactions, slash commands and scheduling (never imports torch)."""

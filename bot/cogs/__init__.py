@@ -1,0 +1,1 @@
+"""One cog per feature: chat, feedback, privacy, admin."""

@@ -1,0 +1,1 @@
+"""The feedback store: prompts, answers, votes, preference pairs, export and the training job."""

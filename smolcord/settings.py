@@ -1,0 +1,170 @@
+"""Typed settings for every part, read from the environment and an optional `.env`."""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> int:
+    """Parse `10485760`, `10 MiB`, `40M` or `40 M` into an int (`Mi` is 1024², `M` is 10⁶)."""
+    if isinstance(value, int | float):
+        return int(value)
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (try 10485760, 10MiB or 40M)")
+    number, prefix, binary = match.groups()
+    base = 1024 if binary else 1000
+    power = " kmgt".index(prefix.lower() or " ")
+    return int(float(number) * base**power)
+
+
+def _split(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+CommaList = Annotated[list[str], NoDecode]
+CommaIds = Annotated[list[int], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every setting of DESIGN.md; each default works on one machine."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SMOLCORD_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    discord_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("DISCORD_TOKEN", "SMOLCORD_DISCORD_TOKEN")
+    )
+    data_dir: Path = Path("./data")
+    database_url: str | None = None
+
+    # model worker
+    model: str = "HuggingFaceTB/SmolVLM-256M-Instruct"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32
+    fast_path: bool = False
+    kv_cache_gib: float = 8.0
+    adapter_endpoints: bool = True
+    worker_url: str = "http://127.0.0.1:8700"
+    worker_token: SecretStr | None = None
+    max_tokens: int = 512
+    max_batch: int = Field(default=16, ge=1)
+    batch_wait_ms: float = Field(default=10, ge=0)
+    max_queue: int = Field(default=64, ge=1)
+    request_timeout_s: float = Field(default=120, gt=0)
+
+    # images
+    max_images: int = Field(default=4, ge=1)
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_image_edge: int = Field(default=1536, ge=16)
+    attachment_hosts: CommaList = Field(
+        default_factory=lambda: ["https://cdn.discordapp.com/", "https://media.discordapp.net/"]
+    )
+
+    # bot
+    admin_ids: CommaIds = Field(default_factory=list)
+    dev_guild_id: int | None = None
+    channels: CommaIds = Field(default_factory=list)  # empty: every channel the bot can see
+    allow_dms: bool = True
+    cooldown_s: float = Field(default=10, ge=0)
+    guild_inflight: int = Field(default=4, ge=1)
+    history_turns: int = Field(default=6, ge=0)
+    history_images: int = Field(default=2, ge=0)
+    regen_temperature: float = Field(default=0.7, ge=0)
+    regen_per_hour: int = Field(default=10, ge=0)
+
+    # data and learning
+    learning_default: bool = False
+    max_voter_share: float = Field(default=0.5, gt=0, le=1)
+    retention_days: int = Field(default=90, ge=1)
+    train_at: str | None = "03:00"  # HH:MM UTC; "off" disables the nightly run
+    min_new_pairs: int = Field(default=16, ge=0)
+    heldout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    gate_min_heldout: int = Field(default=16, ge=0)
+    gate_margin: float = 0.05
+    keep_versions: int = Field(default=5, ge=1)
+
+    @field_validator("max_image_bytes", "max_image_pixels", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_size(value)
+
+    @field_validator("attachment_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: Any) -> list[str]:
+        hosts = _split(value)
+        for host in hosts:
+            if not re.match(r"^https?://[^/]+/", host):
+                raise ValueError(f"attachment host {host!r} must be a URL prefix ending in '/'")
+        return hosts
+
+    @field_validator("admin_ids", "channels", mode="before")
+    @classmethod
+    def _ids(cls, value: Any) -> list[int]:
+        return [int(v) for v in _split(value)]
+
+    @field_validator("dev_guild_id", "database_url", "worker_token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("train_at", mode="before")
+    @classmethod
+    def _train_at(cls, value: Any) -> str | None:
+        if value is None or str(value).strip().lower() in {"off", "", "none", "false"}:
+            return None
+        match = re.match(r"^([01]?\d|2[0-3]):([0-5]\d)$", str(value).strip())
+        if not match:
+            raise ValueError(f"SMOLCORD_TRAIN_AT must be HH:MM (UTC) or 'off', got {value!r}")
+        return f"{int(match.group(1)):02d}:{match.group(2)}"
+
+    # derived paths: the one data dir every part shares
+    @cached_property
+    def db_url(self) -> str:
+        """The SQLAlchemy async URL of the feedback store."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'smolcord.db').resolve()}"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.data_dir / "locks"
+
+    @property
+    def worker_host_port(self) -> tuple[str, int]:
+        """Where `smolcord worker` listens by default: the host and port of SMOLCORD_WORKER_URL."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.worker_url)
+        return parts.hostname or "127.0.0.1", parts.port or 8700
+
+
+def get_settings(**overrides: Any) -> Settings:
+    """Read settings now (environment and `.env`), with keyword overrides on top."""
+    return Settings(**overrides)
