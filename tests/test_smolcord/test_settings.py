@@ -54,7 +54,9 @@ def test_environment_with_comma_lists(clean_env):
 
 
 def test_dotenv_file(clean_env, tmp_path):
-    (tmp_path / ".env").write_text("SMOLCORD_MAX_TOKENS=64\nSMOLCORD_TRAIN_AT=4:05\nDISCORD_TOKEN=from-file\n")
+    (tmp_path / ".env").write_text(
+        "SMOLCORD_MAX_TOKENS=64\nSMOLCORD_TRAIN_AT=4:05\nDISCORD_TOKEN=from-file\n"
+    )
     s = Settings()
     assert s.max_tokens == 64 and s.train_at == "04:05"
     assert s.discord_token.get_secret_value() == "from-file"
