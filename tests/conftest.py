@@ -12,3 +12,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir: Path):
+    """The worker's engine on the tiny model, loaded once for every test that runs a real worker."""
+    from model.engine import Engine
+
+    return Engine.load(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def migrated_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated to head once; tests copy it instead of migrating again."""
+    from feedback.db import upgrade_to_head
+
+    path = tmp_path_factory.mktemp("db-template") / "smolcord.db"
+    upgrade_to_head(f"sqlite+aiosqlite:///{path}")
+    return path
