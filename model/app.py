@@ -1,0 +1,96 @@
+"""The model worker's aiohttp app: an OpenAI-compatible chat endpoint over a batching scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from model.adapters import AdapterError
+from model.batching import BatchScheduler
+from model.engine import Engine
+from model.errors import error_middleware
+from model.keys import encoder_key, engine_key, metrics_key, registry_key, scheduler_key, settings_key
+from model.metrics import WorkerMetrics
+from model.routes import metrics_middleware, setup_routes
+from smolcord.registry import AdapterRegistry, RegistryError
+from smolcord.settings import Settings
+
+__all__ = ["init_app"]
+
+log = logging.getLogger(__name__)
+
+
+async def init_app(settings: Settings, *, engine: Engine | None = None) -> web.Application:
+    """The worker app; it loads settings.model at startup unless an engine is given (tests share one)."""
+    # Room for every image a request may carry, base64-encoded (4/3), plus the JSON around them.
+    max_body = settings.max_images * (settings.max_image_bytes * 4 // 3 + 1024) + 1024 * 1024
+    app = web.Application(client_max_size=max_body, middlewares=[metrics_middleware, error_middleware])
+    app[settings_key] = settings
+    app[registry_key] = AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir)
+    app[metrics_key] = WorkerMetrics(
+        queue_depth=lambda: app[scheduler_key].queue_depth if scheduler_key in app else 0,
+        in_flight=lambda: app[scheduler_key].in_flight if scheduler_key in app else 0,
+    )
+    app.cleanup_ctx.append(_worker(engine))
+    setup_routes(app, adapter_endpoints=settings.adapter_endpoints)
+    return app
+
+
+def _worker(given: Engine | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def worker(app: web.Application) -> AsyncIterator[None]:
+        settings = app[settings_key]
+        if given is not None:
+            engine = given
+        else:
+            # Blocking for seconds to minutes; a thread keeps signals and the loop responsive.
+            engine = await asyncio.to_thread(
+                Engine.load, settings.model, device=settings.device, dtype=settings.dtype
+            )
+        app[engine_key] = engine
+        # Image decoding and tiling release the GIL: a few threads keep a burst of image requests
+        # from queueing behind each other before they can even join a batch.
+        encoder = ThreadPoolExecutor(
+            max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="smolcord-encode"
+        )
+        app[encoder_key] = encoder
+        metrics = app[metrics_key]
+        scheduler = BatchScheduler(
+            engine,
+            max_batch=settings.max_batch,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            max_queue=settings.max_queue,
+            on_batch=metrics.observe_batch,
+            on_finish=metrics.observe_completion,
+        )
+        async with scheduler:
+            app[scheduler_key] = scheduler
+            await _serve_registry_current(app)
+            yield
+        encoder.shutdown(wait=False, cancel_futures=True)
+
+    return worker
+
+
+async def _serve_registry_current(app: web.Application) -> None:
+    """At start, serve what the registry's `current` names; a broken adapter leaves the base serving."""
+    engine, registry = app[engine_key], app[registry_key]
+    try:
+        version = registry.current()
+        path = registry.path(version) if version else None
+    except RegistryError as exc:
+        log.error("adapter registry unreadable at start (%s): serving %s", exc, engine.served_name)
+        return
+    if version != engine.adapter_version:
+        load = functools.partial(engine.load_adapter, path, version=version)
+        try:
+            await app[scheduler_key].run_exclusive(load)
+        except AdapterError as exc:
+            log.error("adapter %s refused at start (%s): serving %s", version, exc, engine.served_name)
+    app[metrics_key].set_adapter(engine.adapter_version)
+    log.info("serving %s", engine.served_name)

@@ -1,0 +1,258 @@
+"""Dynamic batching: a bounded queue on the event loop and one generation thread that runs batches and jobs.
+
+Requests that arrive together are gathered (up to `max_batch`, waiting at most `batch_wait_s` for
+more) into one `Engine.run_batch` on a single dedicated thread, so the event loop stays free while
+the model works. Jobs (adapter swaps) run on the same thread between two batches: no request is
+ever generated across a swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from model.engine import Encoding, Engine
+from model.generation import Completion, Event, Failed, SamplingParams
+
+__all__ = ["BatchScheduler", "CompletionRequest", "QueueFull"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How long past batch_wait a batch about to start still waits for admitted requests whose images
+# are being decoded: far less than the batch they would otherwise wait out.
+_ARRIVAL_GRACE_S = 0.25
+
+
+class QueueFull(Exception):
+    """Too many requests are waiting; the client should come back after `retry_after` seconds."""
+
+    def __init__(self, depth: int, retry_after: int) -> None:
+        super().__init__(f"{depth} requests are already waiting")
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class CompletionRequest:
+    """One chat completion on its way through the scheduler; its events arrive on `events`."""
+
+    id: str
+    encoding: Encoding
+    params: SamplingParams
+    deadline: float  # time.monotonic() after which nobody waits for it any more
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # read by the generation thread between steps
+    model: str = ""  # the served name of the batch it runs in, set when that batch starts
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        """Stop generating for this request at the next step (or skip it if it still waits)."""
+        self.cancelled = True
+
+
+@dataclass
+class _Job:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+class BatchScheduler:
+    """Feeds queued requests to the engine in batches on one thread; `async with` starts and stops it."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int,
+        batch_wait_s: float,
+        max_queue: int,
+        on_batch: Callable[[int, float], None] | None = None,
+        on_finish: Callable[[Completion], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        self.max_queue = max_queue
+        self.on_batch = on_batch  # (batch size, seconds) after each batch, for metrics
+        self.on_finish = on_finish  # every completion the engine ends, cancelled ones too, for metrics
+        self._pending: deque[CompletionRequest] = deque()
+        self._jobs: deque[_Job] = deque()
+        self._running: list[CompletionRequest] = []
+        self._arriving = 0  # admitted requests still being prepared
+        self._wakeup = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._batch_seconds = 1.0  # moving average, for Retry-After
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> BatchScheduler:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smolcord-generate")
+        self._task = asyncio.create_task(self._dispatch(), name="smolcord-batch-dispatch")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop taking work, end the batch in flight at its next step, fail whatever still waits."""
+        for request in self._running:
+            request.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._pending:
+            self._pending.popleft().events.put_nowait(Failed("the worker is shutting down"))
+        while self._jobs:
+            job = self._jobs.popleft()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the worker is shutting down"))
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            await asyncio.to_thread(executor.shutdown, wait=True)
+
+    # ------------------------------------------------------------------ what callers use
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch."""
+        return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in the batch being generated."""
+        return len(self._running)
+
+    @property
+    def is_full(self) -> bool:
+        """Waiting and admitted (still being encoded) requests fill `max_queue` places."""
+        return len(self._pending) + self._arriving >= self.max_queue
+
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Hold a queue place while a request is prepared (images decoded, prompt encoded), then submit it.
+
+        Raises QueueFull when no place is free, before any work is spent on the request.
+        """
+        if self.is_full:
+            raise QueueFull(len(self._pending) + self._arriving, self.retry_after())
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            self._wakeup.set()  # a batch may be waiting for this one
+
+    def retry_after(self) -> int:
+        """Seconds until a queue place is likely free: the batches ahead, at the recent pace."""
+        batches_ahead = max(1, math.ceil(len(self._pending) / self.max_batch))
+        return max(1, math.ceil(batches_ahead * self._batch_seconds))
+
+    def submit(self, request: CompletionRequest) -> None:
+        """Queue a request, or raise QueueFull when `max_queue` are already waiting."""
+        if self._task is None:
+            raise RuntimeError("the scheduler is not running")
+        if len(self._pending) >= self.max_queue:
+            raise QueueFull(len(self._pending), self.retry_after())
+        self._pending.append(request)
+        self._wakeup.set()
+
+    async def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run fn on the generation thread between two batches (adapter swaps); returns its result."""
+        if self._task is None:
+            raise RuntimeError("the scheduler is not running")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.append(_Job(fn, future))
+        self._wakeup.set()
+        return await future
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending and not self._jobs:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self._jobs:
+                await self._run_job(self._jobs.popleft())
+                continue
+            await self._gather()
+            batch = self._take_batch()
+            if batch:
+                await self._run_batch(loop, batch)
+
+    async def _gather(self) -> None:
+        """Give requests arriving together a moment to share the batch.
+
+        The wait counts from the oldest one's arrival, so requests that queued behind a running
+        batch start at once. Past it, the batch still waits (a little) for admitted requests whose
+        images are being decoded: leaving without them would make them wait for the whole batch.
+        """
+        deadline = self._pending[0].enqueued_at + self.batch_wait_s
+        while self._pending and len(self._pending) < self.max_batch and not self._jobs:
+            now = time.monotonic()
+            until = deadline if now < deadline else deadline + _ARRIVAL_GRACE_S if self._arriving else now
+            if until <= now:
+                return
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), until - now)
+
+    def _take_batch(self) -> list[CompletionRequest]:
+        batch: list[CompletionRequest] = []
+        now = time.monotonic()
+        while self._pending and len(batch) < self.max_batch:
+            request = self._pending.popleft()
+            # Its client left or gave up while it waited: the route has already answered.
+            if request.cancelled or request.deadline <= now:
+                continue
+            batch.append(request)
+        return batch
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[CompletionRequest]) -> None:
+        def deliver(events: list[tuple[Any, Event]]) -> None:  # called on the generation thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+                loop.call_soon_threadsafe(self._deliver_now, events)
+
+        self._running = batch
+        started = time.monotonic()
+        try:
+            await loop.run_in_executor(
+                self._executor, self.engine.run_batch, [(r, r.encoding) for r in batch], deliver
+            )
+        finally:
+            self._running = []
+        seconds = time.monotonic() - started
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        log.debug("batch of %d done in %.2f s, %d waiting", len(batch), seconds, len(self._pending))
+        if self.on_batch is not None:
+            self.on_batch(len(batch), seconds)
+
+    async def _run_job(self, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self._executor, job.fn)
+        except Exception as exc:
+            if not job.future.done():
+                job.future.set_exception(exc)
+        else:
+            if not job.future.done():
+                job.future.set_result(result)
+
+    def _deliver_now(self, events: list[tuple[Any, Event]]) -> None:
+        for request, event in events:
+            request.events.put_nowait(event)
+            if isinstance(event, Completion) and self.on_finish is not None:
+                self.on_finish(event)

@@ -1,0 +1,184 @@
+"""Chat-completion requests: checking an OpenAI-style body and turning it into the model's prompt."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from model.engine import Encoding, Engine
+from model.errors import APIError
+from model.generation import SamplingParams
+from smolcord.images import ImageError, decode_data_url, normalize_for
+from smolcord.settings import Settings
+
+__all__ = ["ChatRequest", "encode_chat", "parse_chat_request"]
+
+_ROLES = {"system", "user", "assistant", "developer"}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A checked request: the conversation in the processor's format and its image URLs in order."""
+
+    conversation: list[dict[str, Any]]
+    image_urls: list[str]
+    max_tokens: int | None  # None: as many as the cap and the context allow
+    temperature: float
+    top_p: float
+    seed: int | None
+    stream: bool
+    include_usage: bool
+    ignore_eos: bool = False
+
+    def params(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+        )
+
+
+def _bad(message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, code=code)
+
+
+def parse_chat_request(body: Any, *, max_tokens_cap: int, max_images: int) -> ChatRequest:
+    """Check a /v1/chat/completions body; unknown fields are ignored. Raises APIError (400)."""
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object.", "invalid_request")
+
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise _bad("Only n=1 is supported.", "unsupported_value")
+
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    if max_tokens is not None:
+        if not _is_int(max_tokens) or max_tokens < 1:
+            raise _bad("max_tokens must be a positive integer.")
+        if max_tokens > max_tokens_cap:
+            raise _bad(f"max_tokens is {max_tokens}; this worker allows at most {max_tokens_cap}.")
+
+    # OpenAI's defaults: temperature 1 samples. Callers that want the greedy answer send 0.
+    temperature = _number(body, "temperature", default=1.0, low=0.0, high=2.0)
+    top_p = _number(body, "top_p", default=1.0, low=0.0, high=1.0)
+    if top_p <= 0:
+        raise _bad("top_p must be greater than 0.")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise _bad("seed must be an integer.")
+
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("stream must be true or false.")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad("stream_options must be an object.")
+    include_usage = bool(options.get("include_usage", False))
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension, for benchmarks and exact lengths
+    if not isinstance(ignore_eos, bool):
+        raise _bad("ignore_eos must be true or false.")
+
+    conversation, image_urls = _messages(body.get("messages"))
+    if len(image_urls) > max_images:
+        raise _bad(
+            f"{len(image_urls)} images sent; this worker takes at most {max_images}.", "too_many_images"
+        )
+    return ChatRequest(
+        conversation=conversation,
+        image_urls=image_urls,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stream=stream,
+        include_usage=include_usage,
+        ignore_eos=ignore_eos,
+    )
+
+
+def _messages(messages: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages must be a non-empty list.", "invalid_messages")
+    conversation: list[dict[str, Any]] = []
+    image_urls: list[str] = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _bad(f"{where} must be an object.", "invalid_messages")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise _bad(f"{where}.role must be system, user or assistant.", "invalid_messages")
+        content = message.get("content")
+        parts: list[dict[str, Any]] = []
+        if content is None or isinstance(content, str):
+            parts.append({"type": "text", "text": content or ""})
+        elif isinstance(content, list):
+            for p, part in enumerate(content):
+                parts.append(_part(part, f"{where}.content[{p}]", image_urls))
+        else:
+            raise _bad(f"{where}.content must be a string or a list of parts.", "invalid_messages")
+        if not parts:
+            parts.append({"type": "text", "text": ""})  # the chat template looks at the first part
+        # SmolVLM's template knows system/user/assistant; OpenAI's newer "developer" is a system turn.
+        conversation.append({"role": "system" if role == "developer" else role, "content": parts})
+    return conversation, image_urls
+
+
+def _part(part: Any, where: str, image_urls: list[str]) -> dict[str, Any]:
+    if not isinstance(part, dict):
+        raise _bad(f"{where} must be an object.", "invalid_messages")
+    kind = part.get("type")
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise _bad(f"{where}.text must be a string.", "invalid_messages")
+        return {"type": "text", "text": text}
+    if kind == "image_url":
+        image_url = part.get("image_url")
+        url = image_url.get("url") if isinstance(image_url, dict) else image_url
+        if not isinstance(url, str):
+            raise _bad(f"{where}.image_url.url must be a string.", "invalid_messages")
+        image_urls.append(url)
+        return {"type": "image"}
+    raise _bad(f"{where}.type must be text or image_url.", "invalid_messages")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(body: dict[str, Any], name: str, *, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _bad(f"{name} must be a number.")
+    if not low <= value <= high:
+        raise _bad(f"{name} must be between {low:g} and {high:g}.")
+    return float(value)
+
+
+def encode_chat(engine: Engine, settings: Settings, chat: ChatRequest) -> Encoding:
+    """Decode and normalise the images (smolcord.images), then encode the prompt. Blocking: run it off the loop."""
+    images = []
+    for url in chat.image_urls:
+        try:
+            normalized = normalize_for(settings, decode_data_url(url, max_bytes=settings.max_image_bytes))
+        except ImageError as exc:
+            raise APIError(exc.status, exc.message, code=exc.code) from None
+        with Image.open(io.BytesIO(normalized.data)) as image:
+            images.append(image.convert("RGB"))
+    try:
+        return engine.encode(chat.conversation, images)
+    except ValueError as exc:  # the processor's own refusals (an image it cannot tile, ...)
+        raise APIError(400, f"The prompt could not be processed: {exc}", code="invalid_prompt") from None

@@ -1,0 +1,282 @@
+"""The served model: loading, prompt encoding, one batched generate, and adapter swaps.
+
+`encode` may run on any threads (the app gives it a small pool); `run_batch` and `load_adapter`
+run only on the scheduler's generation thread, so an adapter swap never meets a forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+)
+
+from model.adapters import MergedAdapters
+from model.generation import (
+    BatchStreamer,
+    Deliver,
+    IncrementalDetokenizer,
+    Row,
+    RowSampler,
+    RowSource,
+    RowStopper,
+)
+
+__all__ = ["Encoding", "Engine", "resolve_device", "resolve_dtype"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"SMOLCORD_DEVICE={name} but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA and float32 elsewhere (CPU half precision is slow and lossy)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"SMOLCORD_DTYPE must be auto, bfloat16, float16 or float32, not {name!r}") from None
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One request's prompt as the model takes it (one row, no padding)."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None = None  # (tiles, 3, H, W), every image's tiles in order
+    pixel_attention_mask: torch.Tensor | None = None  # (tiles, H, W)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+class Engine:
+    """A vision-language model and its processor, ready to encode prompts and generate batches."""
+
+    def __init__(self, model: Any, processor: Any, *, name: str) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.name = name
+        self.created = int(time.time())  # what /v1/models reports as the model's `created`
+        self.device: torch.device = model.device
+        self.dtype: torch.dtype = model.dtype
+        text_config = model.config.get_text_config()
+        self.max_model_len: int = int(text_config.max_position_embeddings)
+        tokenizer = processor.tokenizer
+        self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.stop_ids: set[int] = _stop_ids(model, tokenizer)
+        # The Rust tokenizer is not safe to share between threads: the generation thread decodes with
+        # its own copy, and each thread that encodes gets its own processor (see _thread_processor).
+        self._decoder = copy.deepcopy(tokenizer)
+        self._local = threading.local()
+        # Strings the processor expands into image tokens: typed by a user, they would break the image count.
+        self._image_markers = tuple(
+            marker
+            for marker in (
+                getattr(processor, "image_token", None),
+                getattr(processor, "fake_image_token", None),
+                getattr(processor, "global_image_tag", None),
+            )
+            if marker
+        )
+        self._adapters = MergedAdapters(self.model, base_model_id=name)
+
+    @classmethod
+    def load(cls, model_id: str, *, device: str = "auto", dtype: str = "auto") -> Engine:
+        """Load a hub id or a local folder with the Auto classes (blocking: seconds to minutes)."""
+        started = time.perf_counter()
+        target = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, target)
+        processor = AutoProcessor.from_pretrained(model_id)
+        model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch_dtype)
+        model.to(target)  # type: ignore[arg-type]  # transformers' stub of .to() wants no arguments
+        engine = cls(model, processor, name=model_id)
+        log.info(
+            "loaded %s on %s as %s in %.1f s (max_model_len %d)",
+            model_id,
+            target,
+            str(torch_dtype).removeprefix("torch."),
+            time.perf_counter() - started,
+            engine.max_model_len,
+        )
+        return engine
+
+    # ------------------------------------------------------------------ served name and adapters
+
+    @property
+    def adapter_version(self) -> str | None:
+        return self._adapters.version
+
+    @property
+    def served_name(self) -> str:
+        """`<base>:<adapter version>`, or `<base>` when no adapter is served."""
+        version = self.adapter_version
+        return f"{self.name}:{version}" if version else self.name
+
+    def load_adapter(self, path: Path | None, *, version: str | None) -> None:
+        """Serve this adapter merged (None: the base). Generation thread only; AdapterError leaves weights as they were."""
+        if version is not None and version == self.adapter_version:
+            return  # registry versions never change once written: two admin calls racing swap once
+        self._adapters.load(path, version=version)
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode(self, conversation: list[dict[str, Any]], images: Sequence[Image.Image]) -> Encoding:
+        """Apply the chat template and the processor to one conversation and its images, in order.
+
+        `conversation` is in the processor's format: content lists of {"type": "text", "text"} and
+        {"type": "image"} parts, one image part per entry of `images`.
+        """
+        cleaned = [
+            {**message, "content": [self._clean_part(part) for part in message["content"]]}
+            for message in conversation
+        ]
+        processor = self._thread_processor()
+        prompt = processor.apply_chat_template(cleaned, add_generation_prompt=True, tokenize=False)
+        batch = processor(text=[prompt], images=[list(images)] if images else None, return_tensors="pt")
+        pixel_values = batch.get("pixel_values")
+        mask = batch.get("pixel_attention_mask")
+        return Encoding(
+            input_ids=batch["input_ids"][0].tolist(),
+            # Kept in the model's precision: a queued 5-tile request is 8 MB in bfloat16, 16 in float32.
+            pixel_values=pixel_values[0].to(self.dtype) if pixel_values is not None else None,
+            pixel_attention_mask=mask[0] if mask is not None else None,
+        )
+
+    def _thread_processor(self) -> Any:
+        """This thread's own copy of the processor, so several threads can encode at once."""
+        processor = getattr(self._local, "processor", None)
+        if processor is None:
+            processor = self._local.processor = copy.deepcopy(self.processor)
+        return processor
+
+    def _clean_part(self, part: dict[str, Any]) -> dict[str, Any]:
+        if part.get("type") != "text":
+            return part
+        text = part["text"]
+        for marker in self._image_markers:
+            text = text.replace(marker, "")
+        return {"type": "text", "text": text}
+
+    def collate(self, encodings: Sequence[Encoding]) -> dict[str, torch.Tensor]:
+        """Left-pad rows into one batch, as the processor pads several prompts; rows without images get blank tiles.
+
+        Idefics3 drops all-zero tiles before the vision encoder, so a blank tile costs nothing and a
+        text-only row can share a batch with image rows.
+        """
+        width = max(e.prompt_tokens for e in encodings)
+        input_ids = torch.full((len(encodings), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encodings), width), dtype=torch.long)
+        for i, encoding in enumerate(encodings):
+            n = encoding.prompt_tokens
+            input_ids[i, width - n :] = torch.tensor(encoding.input_ids, dtype=torch.long)
+            attention_mask[i, width - n :] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+
+        shapes = [e.pixel_values.shape for e in encodings if e.pixel_values is not None]
+        if shapes:
+            tiles, channels = max(s[0] for s in shapes), shapes[0][1]
+            height, width_px = max(s[2] for s in shapes), max(s[3] for s in shapes)
+            pixel_values = torch.zeros((len(encodings), tiles, channels, height, width_px), dtype=self.dtype)
+            pixel_mask = torch.zeros((len(encodings), tiles, height, width_px), dtype=torch.bool)
+            for i, encoding in enumerate(encodings):
+                if encoding.pixel_values is None:
+                    continue
+                n, _, h, w = encoding.pixel_values.shape
+                pixel_values[i, :n, :, :h, :w] = encoding.pixel_values
+                if encoding.pixel_attention_mask is not None:
+                    pixel_mask[i, :n, :h, :w] = encoding.pixel_attention_mask.bool()
+                else:
+                    pixel_mask[i, :n, :h, :w] = True
+            batch["pixel_values"] = pixel_values
+            batch["pixel_attention_mask"] = pixel_mask
+        return {name: tensor.to(self.device) for name, tensor in batch.items()}
+
+    # ------------------------------------------------------------------ generation
+
+    def run_batch(self, requests: Sequence[tuple[RowSource, Encoding]], deliver: Deliver) -> None:
+        """Generate for every request in one call; each gets its own deltas and completion through deliver."""
+        rows = [
+            Row(
+                source=source,
+                prompt_tokens=encoding.prompt_tokens,
+                detokenizer=IncrementalDetokenizer(self._decoder),
+            )
+            for source, encoding in requests
+        ]
+        streamer = BatchStreamer(rows, stop_ids=self.stop_ids, model_name=self.served_name, deliver=deliver)
+        try:
+            inputs = self.collate([encoding for _, encoding in requests])
+            config = GenerationConfig(
+                max_new_tokens=max(source.params.max_tokens for source, _ in requests),
+                do_sample=False,  # RowSampler does each row's sampling; greedy then keeps its choice
+                # No eos for generate's own criterion (an empty list, so the model's default does not
+                # fill it in): RowStopper alone ends rows, and honours each request's ignore_eos.
+                eos_token_id=[],
+                pad_token_id=self.pad_token_id,
+                use_cache=True,
+            )
+            with torch.inference_mode():
+                self.model.generate(
+                    **inputs,
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList([RowSampler(rows)]),
+                    stopping_criteria=StoppingCriteriaList(
+                        [RowStopper(rows, stop_ids=self.stop_ids, max_model_len=self.max_model_len)]
+                    ),
+                    streamer=streamer,
+                )
+        except Exception as exc:
+            log.exception("generate failed for a batch of %d", len(rows))
+            streamer.fail_all(f"generation failed: {type(exc).__name__}")
+        else:
+            streamer.close_all("length")
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    """End-of-turn ids: the generation config's eos ids, the tokenizer's eos and <end_of_utterance>."""
+    ids: set[int] = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is not None:
+        ids.update(eos if isinstance(eos, list | tuple) else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    end_of_utterance = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    if isinstance(end_of_utterance, int) and end_of_utterance != tokenizer.unk_token_id:
+        ids.add(end_of_utterance)
+    return ids

@@ -1,0 +1,427 @@
+"""The worker's HTTP routes: OpenAI chat completions and models, health, metrics, and the adapter admin call."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+
+from model.adapters import AdapterError
+from model.batching import CompletionRequest, QueueFull
+from model.chat import ChatRequest, encode_chat, parse_chat_request
+from model.engine import Encoding
+from model.errors import APIError, Handler
+from model.generation import Completion, Event, Failed, TextDelta
+from model.keys import encoder_key, engine_key, metrics_key, registry_key, scheduler_key, settings_key
+from model.metrics import CONTENT_TYPE_LATEST
+from smolcord.registry import RegistryError
+
+__all__ = ["metrics_middleware", "setup_routes"]
+
+log = logging.getLogger(__name__)
+
+# How often a handler waiting for tokens looks whether its client is still connected.
+_DISCONNECT_POLL_S = 0.25
+# Recorded for requests whose client went away first (nginx's convention); nobody receives it.
+_CLIENT_CLOSED = 499
+_STATUS = web.RequestKey(
+    "status", int
+)  # a handler's outcome when it differs from the response's status (streams)
+
+
+def setup_routes(app: web.Application, *, adapter_endpoints: bool) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    if adapter_endpoints:  # off: the worker looks like a backend without them (vLLM), 404
+        app.router.add_post("/v1/adapters/load", load_adapter)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts every request by route and final status (after errors became JSON)."""
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    status = request.get(_STATUS, response.status)
+    request.app[metrics_key].requests.labels(route=route, status=str(status)).inc()
+    return response
+
+
+# ---------------------------------------------------------------------------- chat completions
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before its answer was complete."""
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    settings, engine, scheduler = app[settings_key], app[engine_key], app[scheduler_key]
+    started = time.monotonic()
+    request_id = f"chatcmpl-{secrets.token_hex(12)}"
+
+    chat = parse_chat_request(
+        await _json_body(request), max_tokens_cap=settings.max_tokens, max_images=settings.max_images
+    )
+    try:
+        with scheduler.admission():  # a queue place is held while the images are decoded
+            loop = asyncio.get_running_loop()
+            encoding = await loop.run_in_executor(app[encoder_key], encode_chat, engine, settings, chat)
+            max_tokens = _fit_context(chat, encoding, engine.max_model_len, settings.max_tokens)
+            pending = CompletionRequest(
+                id=request_id,
+                encoding=encoding,
+                params=chat.params(max_tokens),
+                deadline=started + settings.request_timeout_s,
+            )
+            scheduler.submit(pending)
+    except QueueFull as exc:
+        raise _busy(exc.retry_after) from None
+    log.info(
+        "%s queued: %d prompt tokens, %d images, max_tokens %d%s",
+        request_id,
+        encoding.prompt_tokens,
+        len(chat.image_urls),
+        max_tokens,
+        ", stream" if chat.stream else "",
+    )
+    try:
+        if chat.stream:
+            return await _stream(request, pending, chat)
+        return await _complete(request, pending)
+    except _ClientGone:
+        log.info("%s: client went away, generation stopped", request_id)
+        request[_STATUS] = _CLIENT_CLOSED
+        return web.Response(status=_CLIENT_CLOSED)
+    except asyncio.CancelledError:  # servers with handler_cancellation cancel us when the client leaves
+        log.info("%s: cancelled, generation stopped", request_id)
+        raise
+    finally:
+        pending.cancel()  # a no-op once finished; otherwise frees the row at the next step
+        app[metrics_key].latency.observe(time.monotonic() - started)
+
+
+def _busy(retry_after: int) -> APIError:
+    return APIError(
+        429,
+        f"The worker is busy (its queue is full); try again in {retry_after} s.",
+        code="queue_full",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def _fit_context(chat: ChatRequest, encoding: Encoding, max_model_len: int, cap: int) -> int:
+    """max_tokens for this request: as asked, or what the cap and the context leave; 400 when nothing fits."""
+    room = max_model_len - encoding.prompt_tokens
+    if room <= 0:
+        raise APIError(
+            400,
+            f"The prompt is {encoding.prompt_tokens} tokens; the model's context is {max_model_len}.",
+            code="context_length_exceeded",
+        )
+    if chat.max_tokens is None:
+        return min(cap, room)
+    if chat.max_tokens > room:
+        raise APIError(
+            400,
+            f"The prompt ({encoding.prompt_tokens} tokens) and max_tokens ({chat.max_tokens}) exceed "
+            f"the model's context of {max_model_len} tokens.",
+            code="context_length_exceeded",
+        )
+    return chat.max_tokens
+
+
+async def _next_event(request: web.Request, pending: CompletionRequest) -> Event:
+    """The request's next event; 504 past its deadline, _ClientGone once its client has left."""
+    if not pending.events.empty():
+        return pending.events.get_nowait()
+    while True:
+        left = pending.deadline - time.monotonic()
+        if left <= 0:
+            raise APIError(
+                504,
+                f"No answer within {request.app[settings_key].request_timeout_s:g} s; try a shorter question.",
+                code="timeout",
+            )
+        try:
+            return await asyncio.wait_for(pending.events.get(), min(left, _DISCONNECT_POLL_S))
+        except TimeoutError:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise _ClientGone from None
+
+
+def _check_finished(completion: Completion, request: web.Request) -> None:
+    if completion.finish_reason == "timeout":
+        raise APIError(
+            504,
+            f"No answer within {request.app[settings_key].request_timeout_s:g} s; try a shorter question.",
+            code="timeout",
+        )
+    if completion.finish_reason == "cancelled":
+        raise _ClientGone
+
+
+def _failed(event: Failed) -> APIError:
+    return APIError(500, f"The worker could not answer: {event.message}.", code="generation_failed")
+
+
+def _log_done(pending: CompletionRequest, completion: Completion) -> None:
+    log.info(
+        "%s done: %d completion tokens, finish %s, %.2f s",
+        pending.id,
+        completion.completion_tokens,
+        completion.finish_reason,
+        time.monotonic() - pending.enqueued_at,
+    )
+
+
+def _usage(completion: Completion) -> dict[str, int]:
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+    }
+
+
+async def _complete(request: web.Request, pending: CompletionRequest) -> web.Response:
+    while True:
+        event = await _next_event(request, pending)
+        if isinstance(event, Failed):
+            raise _failed(event)
+        if isinstance(event, Completion):
+            _check_finished(event, request)
+            _log_done(pending, event)
+            return web.json_response(
+                {
+                    "id": pending.id,
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": event.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": event.text},
+                            "logprobs": None,
+                            "finish_reason": event.finish_reason,
+                        }
+                    ],
+                    "usage": _usage(event),
+                }
+            )
+
+
+async def _stream(request: web.Request, pending: CompletionRequest, chat: ChatRequest) -> web.StreamResponse:
+    """Server-sent events; headers go out with the first token, so a 504 in the queue is still plain JSON."""
+    created = int(time.time())
+    response: web.StreamResponse | None = None
+
+    def chunk(model: str, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": pending.id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if chat.include_usage:
+            body["usage"] = None
+        return body
+
+    model = ""
+    try:
+        while True:
+            try:
+                event = await _next_event(request, pending)
+                if isinstance(event, Failed):
+                    raise _failed(event)
+                if isinstance(event, Completion):
+                    _check_finished(event, request)
+                model = pending.model  # set before the batch's first event
+            except APIError as exc:
+                if response is None:
+                    raise
+                request[_STATUS] = exc.status  # the 200 went out with the headers; count what happened
+                log.info("%s: stream ended with %s", pending.id, exc.code)
+                await _send(response, exc.body())
+                return response
+            if response is None:
+                response = web.StreamResponse(
+                    headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                )
+                await response.prepare(request)
+                await _send(response, chunk(model, {"role": "assistant", "content": ""}))
+            if isinstance(event, TextDelta):
+                await _send(response, chunk(model, {"content": event.text}))
+            elif isinstance(event, Completion):
+                _log_done(pending, event)
+                await _send(response, chunk(model, {}, event.finish_reason))
+                if chat.include_usage:
+                    await _send(
+                        response,
+                        {
+                            "id": pending.id,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": _usage(event),
+                        },
+                    )
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
+                return response
+    except (ConnectionResetError, _ClientGone):  # ConnectionResetError: the client hung up mid-write
+        if response is None:
+            raise _ClientGone from None
+        log.info("%s: client went away mid-stream, generation stopped", pending.id)
+        request[_STATUS] = _CLIENT_CLOSED
+        return response
+
+
+async def _send(response: web.StreamResponse, data: dict[str, Any]) -> None:
+    await response.write(b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n")
+
+
+async def _json_body(request: web.Request) -> Any:
+    raw = await request.read()  # over client_max_size: aiohttp's 413, made JSON by the error middleware
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+
+
+# ---------------------------------------------------------------------------- models, health, metrics
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The served model and its context length: answering at all means the worker is ready."""
+    engine = request.app[engine_key]
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": engine.served_name,
+                    "object": "model",
+                    "created": engine.created,
+                    "owned_by": "smolcord",
+                    "root": engine.name,
+                    "max_model_len": engine.max_model_len,
+                }
+            ],
+        }
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    engine, scheduler = request.app[engine_key], request.app[scheduler_key]
+    return web.json_response(
+        {
+            "status": "ok",
+            "model": engine.served_name,
+            "base_model": engine.name,
+            "adapter": engine.adapter_version,
+            "device": str(engine.device),
+            "queue_depth": scheduler.queue_depth,
+            "in_flight": scheduler.in_flight,
+            "max_batch": scheduler.max_batch,
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[metrics_key].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# ---------------------------------------------------------------------------- adapters (admin)
+
+
+def _check_admin(request: web.Request) -> None:
+    """Bearer SMOLCORD_WORKER_TOKEN when set; without one, loopback callers only."""
+    token = request.app[settings_key].worker_token
+    if token is None:
+        # A reverse proxy on this host makes every caller look local: set a token behind one.
+        if not _is_loopback(request.remote):
+            raise APIError(
+                403,
+                "Admin calls from other hosts need SMOLCORD_WORKER_TOKEN set on the worker.",
+                code="forbidden",
+            )
+        return
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise APIError(
+            401,
+            "This call needs Authorization: Bearer <SMOLCORD_WORKER_TOKEN>.",
+            code="unauthorized",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise APIError(403, "That token is not the worker's.", code="forbidden")
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+async def load_adapter(request: web.Request) -> web.Response:
+    """Serve what the registry's `current` names (or the base); 409 when that is not the version sent."""
+    _check_admin(request)
+    body = await _json_body(request)
+    if not isinstance(body, dict) or "version" not in body:
+        raise APIError(400, 'Send {"version": "v3"} ("base" or null for no adapter).', code="invalid_request")
+    wanted = body["version"]
+    if wanted is not None and not isinstance(wanted, str):
+        raise APIError(400, "version must be a string or null.", code="invalid_value")
+    wanted = None if wanted in (None, "", "base") else wanted
+
+    app = request.app
+    engine, registry = app[engine_key], app[registry_key]
+    try:
+        current = registry.current()
+        path = registry.path(current) if current else None
+    except RegistryError as exc:
+        log.error("adapter registry unreadable: %s", exc)
+        raise APIError(500, "The adapter registry could not be read.", code="registry_error") from None
+
+    if current != engine.adapter_version:
+        before = engine.adapter_version
+        load = functools.partial(engine.load_adapter, path, version=current)
+        try:
+            await app[scheduler_key].run_exclusive(load)
+        except AdapterError as exc:
+            log.error("adapter %s refused (%s); still serving %s", current, exc, engine.served_name)
+            raise APIError(
+                422,
+                f"Adapter {current} was refused: {exc}. Still serving {engine.served_name}.",
+                code="adapter_refused",
+            ) from None
+        app[metrics_key].set_adapter(engine.adapter_version)
+        log.info("adapter swapped: %s -> %s", before or "base", current or "base")
+
+    if current != wanted:
+        raise APIError(
+            409,
+            f"The registry's current adapter is {current or 'base'}, not {wanted or 'base'}; "
+            f"serving {engine.served_name}.",
+            code="version_mismatch",
+        )
+    return web.json_response({"version": current or "base", "model": engine.served_name})
