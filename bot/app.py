@@ -13,6 +13,7 @@ import discord
 from discord.ext import commands
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.checks import on_app_command_error
 from smolcord.registry import AdapterRegistry
 from smolcord.settings import Settings
 from smolcord.worker_client import WorkerClient
@@ -20,7 +21,13 @@ from smolcord.worker_client import WorkerClient
 log = logging.getLogger(__name__)
 
 # One cog per feature (python-discord/bot style); each module ends in `async def setup(bot)`.
-EXTENSIONS: Sequence[str] = ("bot.cogs.chat", "bot.cogs.feedback", "bot.cogs.privacy", "bot.cogs.admin")
+EXTENSIONS: Sequence[str] = (
+    "bot.cogs.chat",
+    "bot.cogs.feedback",
+    "bot.cogs.privacy",
+    "bot.cogs.admin",
+    "bot.cogs.training",
+)
 
 
 class SmolcordBot(commands.Bot):
@@ -55,6 +62,7 @@ class SmolcordBot(commands.Bot):
         self.initial_extensions = list(extensions)
 
     async def setup_hook(self) -> None:
+        self.tree.on_error = on_app_command_error  # type: ignore[method-assign]  # the one error handler
         for extension in self.initial_extensions:
             await self.load_extension(extension)
         await self.sync_commands_if_changed()

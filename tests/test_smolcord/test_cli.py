@@ -36,7 +36,7 @@ def test_adapters_list_on_empty_data_dir(monkeypatch, tmp_path, capsys):
     assert "base model" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["train"], ["run"]])
+@pytest.mark.parametrize("argv", [["run"]])
 def test_unbuilt_commands_fail_plainly(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)

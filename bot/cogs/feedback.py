@@ -1,0 +1,317 @@
+"""Votes: 👍 / 👎 on answers into the store, 🔁 for another answer, 🗑️ to delete one, deletions and reconciling.
+
+Raw events only (they arrive for messages that are not cached, and after restarts); each handler
+returns early on anything that is not a vote or an action on a stored answer. After the bot leaves a
+guild its events are ignored (Discord stops sending them anyway; a late one is dropped), and what
+was stored there stays until the retention period, /privacy forget-me or a deletion removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import discord
+from discord.ext import commands
+
+from bot.answering import NO_MENTIONS, ReplyDestination, answerer_for
+from feedback import service
+from feedback.errors import FeedbackError, NotAVote, UnknownPrompt, UnknownResponse
+from feedback.models import utcnow
+from feedback.votes import action_of, vote_value
+
+if TYPE_CHECKING:
+    from bot.app import SmolcordBot
+
+log = logging.getLogger(__name__)
+
+RECONCILE_ANSWERS = 50  # recent answers whose reactions are checked at start (REST calls: a few each)
+
+
+class Feedback(commands.Cog):
+    """Reaction and deletion events on the bot's answers."""
+
+    def __init__(self, bot: SmolcordBot) -> None:
+        self.bot = bot
+        self.settings = bot.settings
+        self.answerer = answerer_for(bot)
+        self.departed: set[int] = set()  # guilds the bot was removed from: their late events are dropped
+        self._regenerating: dict[int, int] = {}  # 🔁 answers in flight per user (not yet in the store)
+        self._reconciled = False
+
+    # ------------------------------------------------------------------ filters
+
+    def _is_bot_or_self(self, user_id: int, member: discord.Member | None) -> bool:
+        me = self.bot.user
+        if me is None or user_id == me.id:
+            return True
+        user = member or self.bot.get_user(user_id)
+        return bool(user is not None and user.bot)
+
+    # ------------------------------------------------------------------ reactions
+
+    @commands.Cog.listener()
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        if not payload.emoji.is_unicode_emoji() or payload.guild_id in self.departed:
+            return
+        emoji = payload.emoji.name or ""
+        vote, action = vote_value(emoji), action_of(emoji)
+        if vote is None and action is None:
+            return
+        me = self.bot.user
+        if me is not None and payload.message_author_id is not None and payload.message_author_id != me.id:
+            return  # not one of the bot's messages
+        if self._is_bot_or_self(payload.user_id, payload.member):
+            return
+        if vote is not None:
+            roles = [role.id for role in payload.member.roles] if payload.member is not None else None
+            try:
+                async with self.bot.sessions() as session:
+                    await service.set_reaction(
+                        session,
+                        message_id=payload.message_id,
+                        user_id=payload.user_id,
+                        emoji=emoji,
+                        member_role_ids=roles,
+                    )
+            except (UnknownResponse, NotAVote):
+                return
+        elif action == "regenerate":
+            await self._regenerate(payload)
+        elif action == "delete":
+            await self._delete_answer(payload)
+
+    @commands.Cog.listener()
+    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        if not payload.emoji.is_unicode_emoji() or payload.guild_id in self.departed:
+            return
+        emoji = payload.emoji.name or ""
+        if vote_value(emoji) is None or self._is_bot_or_self(payload.user_id, None):
+            return
+        async with self.bot.sessions() as session:
+            await service.clear_reaction(
+                session, message_id=payload.message_id, user_id=payload.user_id, emoji=emoji
+            )
+
+    @commands.Cog.listener()
+    async def on_raw_reaction_clear(self, payload: discord.RawReactionClearEvent) -> None:
+        if payload.guild_id in self.departed:
+            return
+        async with self.bot.sessions() as session:
+            cleared = await service.clear_message_reactions(session, message_id=payload.message_id)
+        if cleared:
+            log.info("reactions cleared on message %s: %d votes removed", payload.message_id, cleared)
+
+    @commands.Cog.listener()
+    async def on_raw_reaction_clear_emoji(self, payload: discord.RawReactionClearEmojiEvent) -> None:
+        if payload.guild_id in self.departed or not payload.emoji.is_unicode_emoji():
+            return
+        if vote_value(payload.emoji.name or "") is None:
+            return
+        async with self.bot.sessions() as session:
+            await service.clear_message_reactions(
+                session, message_id=payload.message_id, emoji=payload.emoji.name
+            )
+
+    # ------------------------------------------------------------------ 🔁 and 🗑️
+
+    async def _regenerate(self, payload: discord.RawReactionActionEvent) -> None:
+        async with self.bot.sessions() as session:
+            response = await service.find_response(session, message_id=payload.message_id)
+        if response is None:
+            return
+        user_id = payload.user_id
+        limit = self.settings.regen_per_hour
+        async with self.bot.sessions() as session:
+            used = await service.count_regenerations(
+                session, user_id=user_id, since=utcnow() - timedelta(hours=1)
+            )
+        used += self._regenerating.get(user_id, 0)
+        channel = self.bot.get_partial_messageable(response.channel_id, guild_id=response.guild_id)
+        destination = ReplyDestination(channel, response.channel_id, payload.message_id)
+        if used >= limit:
+            text = (
+                f"<@{user_id}>, you have asked for {used} other answers in the last hour (the limit is "
+                f"{limit}); please try again later."
+                if limit
+                else "Other answers (🔁) are turned off here."
+            )
+            with contextlib.suppress(discord.HTTPException):
+                await channel.send(
+                    text,
+                    reference=discord.MessageReference(
+                        message_id=payload.message_id,
+                        channel_id=response.channel_id,
+                        fail_if_not_exists=False,
+                    ),
+                    allowed_mentions=NO_MENTIONS,
+                    suppress_embeds=True,
+                    delete_after=30,
+                )
+            return
+        try:
+            async with self.bot.sessions() as session:
+                prompt = await service.get_prompt(
+                    session, settings=self.settings, prompt_id=response.prompt_id
+                )
+        except UnknownPrompt:
+            return
+        self._regenerating[user_id] = self._regenerating.get(user_id, 0) + 1
+        try:
+            with self.answerer.slot(response.guild_id) as free:
+                if not free:
+                    with contextlib.suppress(discord.HTTPException):
+                        await destination.post(
+                            "⏳ I'm answering several questions in this server already; press 🔁 again in a moment.",
+                            first=True,
+                        )
+                    return
+                await self.answerer.regenerate(destination, prompt, user_id=user_id)
+        except discord.HTTPException as exc:
+            log.warning("could not post another answer in channel %s (%s)", response.channel_id, exc.status)
+        finally:
+            self._regenerating[user_id] -= 1
+            if not self._regenerating[user_id]:
+                del self._regenerating[user_id]
+
+    async def _delete_answer(self, payload: discord.RawReactionActionEvent) -> None:
+        async with self.bot.sessions() as session:
+            response = await service.find_response(session, message_id=payload.message_id)
+        if response is None:
+            return
+        user_id = payload.user_id
+        if user_id not in (response.prompt_author_id, response.requested_by):
+            if not await self.bot.is_bot_admin(payload.member or discord.Object(id=user_id)):  # type: ignore[arg-type]
+                return
+        try:
+            async with self.bot.sessions() as session:
+                deletion = await service.delete_response(
+                    session, settings=self.settings, response_id=response.id
+                )
+        except UnknownResponse:
+            return
+        log.info("response %s deleted by its asker: %d messages", response.id, len(deletion.message_ids))
+        self.answerer.recent.forget(set(deletion.response_ids))
+        await self.answerer.delete_answer_messages(response.channel_id, list(deletion.message_ids))
+
+    # ------------------------------------------------------------------ deletions
+
+    @commands.Cog.listener()
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        await self._message_gone(payload.channel_id, payload.message_id)
+
+    @commands.Cog.listener()
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        for message_id in sorted(payload.message_ids):
+            await self._message_gone(payload.channel_id, message_id)
+
+    async def _message_gone(self, channel_id: int, message_id: int) -> None:
+        # Remembered even when nothing is stored yet: an answer being written to it is dropped once done.
+        self.answerer.deleted_questions.append(message_id)
+        try:
+            await self.answerer.forget_message(channel_id, message_id)
+        except FeedbackError as exc:
+            log.warning("could not delete what was stored of message %s (%s)", message_id, type(exc).__name__)
+
+    # ------------------------------------------------------------------ guilds
+
+    @commands.Cog.listener()
+    async def on_guild_remove(self, guild: discord.Guild) -> None:
+        self.departed.add(guild.id)
+        log.info("removed from guild %s: no longer collecting there", guild.id)
+
+    @commands.Cog.listener()
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        self.departed.discard(guild.id)
+
+    # ------------------------------------------------------------------ reconciling after downtime
+
+    @commands.Cog.listener()
+    async def on_ready(self) -> None:
+        if self._reconciled:  # on_ready comes again after a full reconnect; once is enough
+            return
+        self._reconciled = True
+        try:
+            await self.reconcile()
+        except Exception:  # a failed reconcile must not stop the bot from answering
+            log.exception("reconciling reactions failed")
+
+    async def reconcile(self, limit: int = RECONCILE_ANSWERS) -> int:
+        """Make the stored votes of recent answers match their reactions on Discord; returns answers checked.
+
+        Reactions added or removed while the bot was offline produced no event. For each recent answer
+        the votes are read from all its chunks over REST, the stored ones are cleared, and the current
+        ones stored again (with the voter's roles when the guild names a voter role).
+        """
+        checked = 0
+        for entry in self.answerer.recent.recent()[:limit]:
+            try:
+                async with self.bot.sessions() as session:
+                    response = await service.get_response(session, response_id=entry["response_id"])
+            except UnknownResponse:
+                self.answerer.recent.forget({entry["response_id"]})
+                continue
+            if response.guild_id in self.departed or not response.message_ids:
+                continue
+            votes = await self._current_votes(response)
+            if votes is None:
+                continue
+            await self._store_votes(response, votes)
+            checked += 1
+        if checked:
+            log.info("reconciled the reactions of %d recent answers", checked)
+        return checked
+
+    async def _current_votes(self, response: service.ResponseView) -> set[tuple[int, str]] | None:
+        """(user, emoji) of every 👍 / 👎 by a person on any chunk; None when an answer message is gone."""
+        channel = self.bot.get_partial_messageable(response.channel_id, guild_id=response.guild_id)
+        votes: set[tuple[int, str]] = set()
+        for message_id in response.message_ids:
+            try:
+                message = await channel.fetch_message(message_id)
+            except discord.NotFound:  # deleted while offline: delete its record, as the event would have
+                await self.answerer.forget_message(response.channel_id, message_id)
+                return None
+            except discord.HTTPException:
+                return None
+            for reaction in message.reactions:
+                emoji = str(reaction.emoji)
+                if vote_value(emoji) is None or reaction.count <= int(reaction.me):
+                    continue
+                async for user in reaction.users(limit=None):
+                    if not user.bot:
+                        votes.add((user.id, emoji))
+        return votes
+
+    async def _store_votes(self, response: service.ResponseView, votes: set[tuple[int, str]]) -> None:
+        roles: dict[int, list[int] | None] = {}
+        if response.guild_id is not None:
+            async with self.bot.sessions() as session:
+                consent = await service.get_guild_settings(
+                    session, settings=self.settings, guild_id=response.guild_id
+                )
+            guild = self.bot.get_guild(response.guild_id)
+            if consent.voter_role_id is not None and guild is not None:
+                for user_id in {user_id for user_id, _ in votes}:
+                    with contextlib.suppress(discord.HTTPException):
+                        member = guild.get_member(user_id) or await guild.fetch_member(user_id)
+                        roles[user_id] = [role.id for role in member.roles]
+        target = response.message_ids[-1]
+        async with self.bot.sessions() as session:
+            await service.clear_message_reactions(session, message_id=target)
+        for user_id, emoji in sorted(votes):
+            with contextlib.suppress(UnknownResponse):
+                async with self.bot.sessions() as session:
+                    await service.set_reaction(
+                        session,
+                        message_id=target,
+                        user_id=user_id,
+                        emoji=emoji,
+                        member_role_ids=roles.get(user_id),
+                    )
+
+
+async def setup(bot: SmolcordBot) -> None:
+    await bot.add_cog(Feedback(bot))

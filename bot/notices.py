@@ -1,0 +1,100 @@
+"""Small JSON files in the data dir the bot keeps for itself: consent notices posted, recent answers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PRIVACY_HINT = "`/privacy info` says what is kept and for how long."
+
+
+def consent_text(*, in_dm: bool, learning: bool) -> str:
+    """What the bot says, once per channel, about what it keeps and whether it learns from it."""
+    kept = "ℹ️ I keep questions, answers and votes so that follow-ups, 🔁 and 🗑️ work."
+    if in_dm:
+        return f"{kept} DMs never train the model. {PRIVACY_HINT} `/privacy forget-me` deletes it all."
+    if learning:
+        return (
+            f"{kept} Learning is **on** in this server: 👍 / 👎 here may train the next version of the "
+            f"model. To keep yours out, use `/privacy opt-out`. {PRIVACY_HINT}"
+        )
+    return (
+        f"{kept} Learning is **off** in this server: nothing here trains the model. "
+        f"If its admins turn it on (`/learning`), you can still keep yours out with `/privacy opt-out`. "
+        f"{PRIVACY_HINT}"
+    )
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write atomically: a crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s (%s)", path.name, type(exc).__name__)
+        return default
+
+
+class ConsentNotices:
+    """The channels where the consent notice was posted (in memory, and in the data dir across restarts)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._channels: set[int] = {int(c) for c in _read_json(path, [])}
+
+    def due(self, channel_id: int) -> bool:
+        return channel_id not in self._channels
+
+    def mark(self, channel_id: int) -> None:
+        self._channels.add(channel_id)
+        _write_json(self.path, sorted(self._channels))
+
+
+class RecentAnswers:
+    """The last answers the bot posted, so that it can reconcile their reactions after being offline.
+
+    The store has the messages and votes; this only remembers which responses are recent.
+    """
+
+    def __init__(self, path: Path, *, keep: int = 200, max_age_s: float = 24 * 3600) -> None:
+        self.path = path
+        self.keep = keep
+        self.max_age_s = max_age_s
+        self._entries: list[dict[str, Any]] = list(_read_json(path, []))
+
+    def add(self, *, response_id: int, channel_id: int, guild_id: int | None) -> None:
+        entry = {
+            "response_id": response_id,
+            "channel_id": channel_id,
+            "guild_id": guild_id,
+            "at": time.time(),
+        }
+        self._entries = [*self._fresh(), entry][-self.keep :]
+        _write_json(self.path, self._entries)
+
+    def recent(self) -> list[dict[str, Any]]:
+        """Entries younger than max_age_s, newest first."""
+        return list(reversed(self._fresh()))
+
+    def forget(self, response_ids: set[int]) -> None:
+        if response_ids:
+            self._entries = [e for e in self._entries if e["response_id"] not in response_ids]
+            _write_json(self.path, self._entries)
+
+    def _fresh(self) -> list[dict[str, Any]]:
+        cutoff = time.time() - self.max_age_s
+        return [e for e in self._entries if e.get("at", 0) >= cutoff]
