@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch first and pinned: a plain `torch` requirement would pull a multi-GB CUDA build on CPU machines.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install run test lint format bench tiny-model clean
+.PHONY: install run test test-postgres lint format bench tiny-model clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
+
+# The feedback store's tests against a throwaway PostgreSQL server (installed from Debian's packages if missing).
+test-postgres: $(STAMP)
+	bash .ci/postgres.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

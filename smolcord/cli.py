@@ -229,6 +229,12 @@ async def _sync_commands(settings: Settings, guild_id: int | None) -> int:
         await engine.dispose()
 
 
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from smolcord.supervisor import run
+
+    return run(settings)
+
+
 def _not_built(command: str, issue: int) -> Handler:
     def handler(args: argparse.Namespace, settings: Settings) -> int:
         raise NotBuiltYet(command, issue)
@@ -248,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    add("run", _not_built("run", 8), "migrate, then worker + bot on this machine")
+    add("run", _run, "migrate, then worker + bot on this machine")
 
     p = add("worker", _worker, "the model worker alone")
     p.add_argument("--model", help="hub id or local folder (default: SMOLCORD_MODEL)")

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     adapter_endpoints: bool = True
     worker_url: str = "http://127.0.0.1:8700"
     worker_token: SecretStr | None = None
+    # The `model` the bot asks for. Unset: none is sent and the smolcord worker answers with what it
+    # serves. Another OpenAI-compatible server: its model's name, or a loaded LoRA's (vLLM, README).
+    worker_model: str | None = None
     max_tokens: int = 512
     max_batch: int = Field(default=16, ge=1)
     batch_wait_ms: float = Field(default=10, ge=0)
@@ -117,7 +120,7 @@ class Settings(BaseSettings):
     def _ids(cls, value: Any) -> list[int]:
         return [int(v) for v in _split(value)]
 
-    @field_validator("dev_guild_id", "database_url", "worker_token", mode="before")
+    @field_validator("dev_guild_id", "database_url", "worker_token", "worker_model", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

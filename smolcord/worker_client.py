@@ -83,11 +83,23 @@ class ChatResult:
 
 
 class WorkerClient:
-    """Calls one worker over the caller's session (whose timeouts apply)."""
+    """Calls one worker over the caller's session (whose timeouts apply).
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, *, token: str | None = None) -> None:
+    `model` is sent as the chat requests' `model` (SMOLCORD_WORKER_MODEL); None sends none, and
+    the server answers with its default (the smolcord worker: what it serves; vLLM: its base).
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        token: str | None = None,
+        model: str | None = None,
+    ) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
+        self.model = model
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     async def ready(self) -> dict[str, Any]:
@@ -122,6 +134,8 @@ class WorkerClient:
     ) -> ChatResult:
         """One answer, not streamed. `extra_body` fields are sent as they are (vLLM's `ignore_eos`, say)."""
         body = _chat_body(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        if self.model:
+            body["model"] = self.model
         body.update(extra_body or {})
         data = await self._request("POST", "/v1/chat/completions", body)
         try:
@@ -151,6 +165,8 @@ class WorkerClient:
         generating for it.
         """
         body = _chat_body(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        if self.model:
+            body["model"] = self.model
         body.update(extra_body or {})
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

@@ -196,7 +196,15 @@ class Admin(commands.Cog):
         except WorkerDown:
             worker = f"The worker is not running; it will serve {served} when it starts."
         except WorkerError as exc:
-            worker = f"The worker did not switch ({exc.message}); it will serve {served} when it restarts."
+            if exc.status == 404:  # an OpenAI-compatible backend without adapter endpoints (vLLM, say)
+                worker = (
+                    f"The model backend at {self.bot.settings.worker_url} has no adapter endpoint, so it "
+                    f"still serves what it served: make it serve {served} yourself (the README's vLLM runbook)."
+                )
+            else:
+                worker = (
+                    f"The worker did not switch ({exc.message}); it will serve {served} when it restarts."
+                )
         return f"Rolled back from {before or 'the base model'} to **{served}**{note}. {worker}"
 
     # ------------------------------------------------------------------ sync
