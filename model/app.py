@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -14,7 +15,7 @@ from aiohttp import web
 from model.adapters import AdapterError
 from model.batching import BatchScheduler
 from model.engine import Engine
-from model.errors import error_middleware
+from model.errors import APIError, Handler, error_middleware
 from model.keys import encoder_key, engine_key, metrics_key, registry_key, scheduler_key, settings_key
 from model.metrics import WorkerMetrics
 from model.routes import metrics_middleware, setup_routes
@@ -30,7 +31,9 @@ async def init_app(settings: Settings, *, engine: Engine | None = None) -> web.A
     """The worker app; it loads settings.model at startup unless an engine is given (tests share one)."""
     # Room for every image a request may carry, base64-encoded (4/3), plus the JSON around them.
     max_body = settings.max_images * (settings.max_image_bytes * 4 // 3 + 1024) + 1024 * 1024
-    app = web.Application(client_max_size=max_body, middlewares=[metrics_middleware, error_middleware])
+    app = web.Application(
+        client_max_size=max_body, middlewares=[metrics_middleware, error_middleware, _readiness_middleware]
+    )
     app[settings_key] = settings
     app[registry_key] = AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir)
     app[metrics_key] = WorkerMetrics(
@@ -52,6 +55,11 @@ def _worker(given: Engine | None) -> Callable[[web.Application], AsyncIterator[N
             engine = await asyncio.to_thread(
                 Engine.load, settings.model, device=settings.device, dtype=settings.dtype
             )
+        if settings.fast_path and engine.fast_path is None:
+            # Allocates the KV cache now, so a budget that cannot hold it stops the start with its reason.
+            await asyncio.to_thread(
+                engine.enable_fast_path, kv_cache_gib=settings.kv_cache_gib, max_batch=settings.max_batch
+            )
         app[engine_key] = engine
         # Image decoding and tiling release the GIL: a few threads keep a burst of image requests
         # from queueing behind each other before they can even join a batch.
@@ -71,7 +79,16 @@ def _worker(given: Engine | None) -> Callable[[web.Application], AsyncIterator[N
         async with scheduler:
             app[scheduler_key] = scheduler
             await _serve_registry_current(app)
+            # Fast path: every shape is compiled and recorded on the generation thread while the worker
+            # already listens; /v1/models (readiness) and chat answer 503 until that is done.
+            warming = (
+                asyncio.create_task(_warm_up(app), name="smolcord-warm-up") if not engine.ready else None
+            )
             yield
+            if warming is not None:
+                warming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await warming
         encoder.shutdown(wait=False, cancel_futures=True)
 
     return worker
@@ -94,3 +111,33 @@ async def _serve_registry_current(app: web.Application) -> None:
             log.error("adapter %s refused at start (%s): serving %s", version, exc, engine.served_name)
     app[metrics_key].set_adapter(engine.adapter_version)
     log.info("serving %s", engine.served_name)
+
+
+async def _warm_up(app: web.Application) -> None:
+    """Warm up the fast path as a job of the generation thread; if that fails, serve without it."""
+    engine, scheduler = app[engine_key], app[scheduler_key]
+    try:
+        await scheduler.run_exclusive(engine.warm_up)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("fast path warm-up failed: serving with plain generate")
+        await scheduler.run_exclusive(engine.disable_fast_path)
+    log.info("ready: serving %s", engine.served_name)
+
+
+# Answered 503 until the fast path is warm: the readiness check, and requests that would pay a compile.
+_NEEDS_WARM_UP = frozenset({"/v1/models", "/v1/chat/completions"})
+
+
+@web.middleware
+async def _readiness_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    engine = request.app.get(engine_key)
+    if engine is not None and not engine.ready and request.path in _NEEDS_WARM_UP:
+        raise APIError(
+            503,
+            "The worker is warming up (compiling its decoding shapes); try again in a few seconds.",
+            code="warming_up",
+            headers={"Retry-After": "5"},
+        )
+    return await handler(request)

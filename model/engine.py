@@ -6,6 +6,7 @@ run only on the scheduler's generation thread, so an adapter swap never meets a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
@@ -13,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -35,6 +36,9 @@ from model.generation import (
     RowSource,
     RowStopper,
 )
+
+if TYPE_CHECKING:
+    from model.fastpath import FastPath
 
 __all__ = ["Encoding", "Engine", "resolve_device", "resolve_dtype"]
 
@@ -115,6 +119,8 @@ class Engine:
             if marker
         )
         self._adapters = MergedAdapters(self.model, base_model_id=name)
+        # Opt-in (SMOLCORD_FAST_PATH): static caches, buckets and compiled decoding, see model/fastpath.py.
+        self.fast_path: FastPath | None = None
 
     @classmethod
     def load(cls, model_id: str, *, device: str = "auto", dtype: str = "auto") -> Engine:
@@ -135,6 +141,37 @@ class Engine:
             engine.max_model_len,
         )
         return engine
+
+    # ------------------------------------------------------------------ fast path (model/fastpath.py)
+
+    def enable_fast_path(self, *, kv_cache_gib: float, max_batch: int, **options: Any) -> None:
+        """Allocate the fast path's KV cache (blocking); FastPathError when the budget cannot hold it.
+
+        It serves only once `warm_up` has run: until then `ready` is False. Options go to `FastPath.for_model`.
+        """
+        from model.fastpath import FastPath
+
+        self.fast_path = FastPath.for_model(
+            self.model,
+            pad_token_id=self.pad_token_id,
+            budget_gib=kv_cache_gib,
+            max_batch=max_batch,
+            **options,
+        )
+
+    def disable_fast_path(self) -> None:
+        """Serve with plain `generate` again (dropping the fast path's cache). Generation thread only."""
+        self.fast_path = None
+
+    @property
+    def ready(self) -> bool:
+        """False while the fast path has shapes still to warm up: /v1/models answers 503 until then."""
+        return self.fast_path is None or self.fast_path.warmed
+
+    def warm_up(self) -> None:
+        """Compile and record every fast-path shape. Generation thread only: CUDA graphs belong to a thread."""
+        if self.fast_path is not None and not self.fast_path.warmed:
+            self.fast_path.warm_up(self)
 
     # ------------------------------------------------------------------ served name and adapters
 
@@ -229,8 +266,17 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
-    def run_batch(self, requests: Sequence[tuple[RowSource, Encoding]], deliver: Deliver) -> None:
-        """Generate for every request in one call; each gets its own deltas and completion through deliver."""
+    def run_batch(
+        self,
+        requests: Sequence[tuple[RowSource, Encoding]],
+        deliver: Deliver,
+        *,
+        shape: tuple[int, int] | None = None,
+    ) -> None:
+        """Generate for every request in one call; each gets its own deltas and completion through deliver.
+
+        `shape` (fast path only, for its warm-up) forces a (batch, cache length) bucket.
+        """
         rows = [
             Row(
                 source=source,
@@ -239,19 +285,39 @@ class Engine:
             )
             for source, encoding in requests
         ]
+        encodings = [encoding for _, encoding in requests]
+        max_new_tokens = max(source.params.max_tokens for source, _ in requests)
+        # Fast path: rows padded with closed dummy rows to a warmed-up shape, that shape's static cache and
+        # the compile settings. None (no fast path, or a batch too long for every shape): plain generate.
+        try:
+            launch = (
+                self.fast_path.launch(rows, encodings, shape=shape) if self.fast_path is not None else None
+            )
+        except Exception as exc:
+            log.exception("the fast path could not take a batch of %d", len(rows))
+            streamer = BatchStreamer(
+                rows, stop_ids=self.stop_ids, model_name=self.served_name, deliver=deliver
+            )
+            streamer.fail_all(f"generation failed: {type(exc).__name__}")
+            return
+        if launch is not None:
+            rows, encodings = launch.rows, launch.encodings
         streamer = BatchStreamer(rows, stop_ids=self.stop_ids, model_name=self.served_name, deliver=deliver)
         try:
-            inputs = self.collate([encoding for _, encoding in requests])
+            inputs = self.collate(encodings)
             config = GenerationConfig(
-                max_new_tokens=max(source.params.max_tokens for source, _ in requests),
+                max_new_tokens=max_new_tokens,
                 do_sample=False,  # RowSampler does each row's sampling; greedy then keeps its choice
                 # No eos for generate's own criterion (an empty list, so the model's default does not
                 # fill it in): RowStopper alone ends rows, and honours each request's ignore_eos.
                 eos_token_id=[],
                 pad_token_id=self.pad_token_id,
                 use_cache=True,
+                **(launch.config if launch is not None else {}),
             )
-            with torch.inference_mode():
+            # The fast path runs under generate's own no_grad, as the measured compiled baseline did:
+            # its caches are ordinary tensors, updated in place by the compiled step.
+            with torch.inference_mode() if launch is None else contextlib.nullcontext():
                 self.model.generate(
                     **inputs,
                     generation_config=config,
@@ -260,6 +326,7 @@ class Engine:
                         [RowStopper(rows, stop_ids=self.stop_ids, max_model_len=self.max_model_len)]
                     ),
                     streamer=streamer,
+                    **(launch.kwargs if launch is not None else {}),
                 )
         except Exception as exc:
             log.exception("generate failed for a batch of %d", len(rows))
