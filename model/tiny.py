@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from itertools import cycle
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -87,7 +88,7 @@ def arch_config(arch: str) -> Idefics3Config:
     text, vision, scale_factor = _ARCH_DIMENSIONS[arch]
     text = dict(text)
     rope_theta = text.pop("rope_theta")
-    return Idefics3Config(
+    return Idefics3Config(  # type: ignore[call-arg]  # pad_token_id: accepted at run time
         text_config=dict(
             model_type="llama",
             **text,
@@ -173,17 +174,19 @@ def build_tokenizer(*, model_max_length: int) -> PreTrainedTokenizerFast:
 
 def build_processor(config: Idefics3Config) -> Idefics3Processor:
     """SmolVLM's processor, sized for the vision encoder in config."""
-    image_size = config.vision_config.image_size
+    vision: Any = config.vision_config  # typed as a union in transformers; a config object here
+    text: Any = config.text_config
+    image_size = vision.image_size
     # The PIL backend needs no torchvision; it saves as "Idefics3ImageProcessor", so loading picks
     # the torchvision backend wherever that is installed, as for a hub checkpoint.
     image_processor = Idefics3ImageProcessorPil(
         size={"longest_edge": TILES_PER_EDGE * image_size},
         max_image_size={"longest_edge": image_size},
     )
-    patches_per_side = image_size // config.vision_config.patch_size
+    patches_per_side = image_size // vision.patch_size
     return Idefics3Processor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(model_max_length=config.text_config.max_position_embeddings),
+        tokenizer=build_tokenizer(model_max_length=text.max_position_embeddings),
         # <image> tokens per tile: the encoder's patches after the connector's pixel shuffle.
         image_seq_len=patches_per_side**2 // config.scale_factor**2,
         chat_template=CHAT_TEMPLATE,
