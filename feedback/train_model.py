@@ -1,0 +1,208 @@
+"""The base model as the training job loads it: device, precision, 4-bit, free GPU memory, the LoRA targets.
+
+On CUDA, models of 1B parameters and more load in 4-bit NF4 (QLoRA) with gradient checkpointing;
+the vision tower, the connector and the LM head stay out of 4-bit (bitsandbytes wants their full
+module paths, read here from the model itself). Everything else, and everything on the CPU, loads
+in the worker's dtype (bf16 on CUDA, fp32 on CPU), so the whole loop runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "LORA_MODULES",
+    "ModelPlan",
+    "NotEnoughGpuMemory",
+    "check_gpu_memory",
+    "completion_only_logprobs",
+    "load_for_training",
+    "lora_config",
+    "plan_model",
+]
+
+log = logging.getLogger(__name__)
+
+# The Linear layers of every text decoder block that LoRA adapts (attention and MLP): all of the
+# text model's, none of the vision tower's or the connector's.
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Models this large are trained in 4-bit on CUDA (SmolVLM-2B: ~2.2B; SmolVLM-256M stays in bf16).
+QUANTIZE_FROM_PARAMS = 1_000_000_000
+
+
+class NotEnoughGpuMemory(RuntimeError):
+    """Less free GPU memory than the run needs: loading would push the worker out of memory."""
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """How the base will be loaded, decided before any weight is read."""
+
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    quantize: bool
+    gradient_checkpointing: bool
+    params: int
+    text_model: str  # module path of the language model, e.g. "model.text_model"
+    skip_modules: tuple[str, ...]  # full module paths kept out of 4-bit
+    need_bytes: int  # GPU memory the run is expected to need
+
+    def describe(self) -> str:
+        precision = "4-bit NF4" if self.quantize else str(self.dtype).removeprefix("torch.")
+        return f"{self.model_id} ({self.params / 1e6:.0f}M params) on {self.device} in {precision}"
+
+
+def plan_model(
+    model_id: str,
+    *,
+    device: str,
+    dtype: str,
+    load_in_4bit: str,
+    gradient_checkpointing: str,
+    headroom_gib: float,
+) -> ModelPlan:
+    """Read the config, build the model on the meta device (no memory) and decide how to load it."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from model.engine import resolve_device, resolve_dtype
+
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    config = AutoConfig.from_pretrained(model_id)
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    params = sum(p.numel() for p in skeleton.parameters())
+    text_model = _text_model_path(skeleton)
+    skip = _not_quantized(skeleton, text_model)
+    quantize = _choice(load_in_4bit, target.type == "cuda" and params >= QUANTIZE_FROM_PARAMS)
+    if quantize and target.type != "cuda":
+        raise ValueError("4-bit loading needs CUDA (bitsandbytes)")
+    checkpointing = _choice(gradient_checkpointing, quantize)
+    # bytes of the weights as loaded: 4-bit Linear weights of the text model take ~0.56 byte a parameter
+    # (NF4 plus double-quantized scales), the rest its dtype's size.
+    element = torch.finfo(torch_dtype).bits // 8
+    quantized = sum(
+        p.numel()
+        for name, p in skeleton.named_parameters()
+        if quantize and name.startswith(text_model + ".") and name.endswith(".weight") and p.dim() == 2
+        and not any(name.startswith(s + ".") for s in skip)
+    )  # fmt: skip
+    weights = quantized * 0.56 + (params - quantized) * element
+    need = int(weights + headroom_gib * 2**30)
+    return ModelPlan(model_id, target, torch_dtype, quantize, checkpointing, params, text_model, skip, need)
+
+
+def check_gpu_memory(plan: ModelPlan) -> None:
+    """On CUDA, raise NotEnoughGpuMemory unless the plan's bytes are free now (before loading anything)."""
+    if plan.device.type != "cuda":
+        return
+    free, total = torch.cuda.mem_get_info(plan.device)
+    if free < plan.need_bytes:
+        raise NotEnoughGpuMemory(
+            f"training {plan.describe()} needs about {plan.need_bytes / 2**30:.1f} GiB of GPU memory, "
+            f"but only {free / 2**30:.1f} of {total / 2**30:.1f} GiB are free (the worker holds the rest?). "
+            "Nothing was loaded. Retry when the GPU is less busy, or lower gpu_headroom_gib if you know it fits."
+        )
+
+
+def load_for_training(plan: ModelPlan) -> Any:
+    """The base model, loaded as planned (not yet wrapped by peft)."""
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": plan.dtype}
+    if plan.quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=list(plan.skip_modules),
+        )
+        kwargs["device_map"] = {"": plan.device.index or 0}
+    if plan.device.type == "cpu":
+        # Denormal floats (tiny gradients, Adam moments, activations) make CPU float ops 10-100x slower:
+        # measured here, DPO steps went from 0.25 to 2-4 CPU-seconds once they appeared. Flushing them to
+        # zero changes nothing a model can tell (they are below 1e-38).
+        torch.set_flush_denormal(True)
+    model = AutoModelForImageTextToText.from_pretrained(plan.model_id, **kwargs)
+    if not plan.quantize:
+        model = model.to(plan.device)
+    # The KV cache is useless in training and conflicts with gradient checkpointing.
+    model.config.use_cache = False
+    log.info("loaded %s", plan.describe())
+    return model
+
+
+def lora_config(plan: ModelPlan, *, r: int, alpha: int) -> Any:
+    """A plain LoRA on the text model's attention and MLP Linears: what the worker can merge (no DoRA,
+    no modules_to_save, no bias)."""
+    from peft import LoraConfig
+
+    pattern = rf"{re.escape(plan.text_model)}\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(LORA_MODULES)})"
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=pattern)
+
+
+@contextlib.contextmanager
+def completion_only_logprobs(device: torch.device) -> Iterator[None]:
+    """On the CPU, let trl's fused LM head score only the completion tokens, as it does on CUDA.
+
+    trl (1.x) scores only the labelled positions where Triton runs and every position elsewhere, to keep
+    the tile shapes of recompiling devices (Neuron) fixed. On a CPU that means projecting and
+    normalising every prompt and image token for nothing: here a DPO step went from 0.196 to 0.147 s
+    with the same log-probabilities (tests/test_feedback/test_train.py checks they match). trl's own
+    module attribute decides only that (its kernels keep their own check); without it, nothing changes.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if device.type != "cpu" or original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda _device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+def _text_model_path(model: Any) -> str:
+    """The module path of the language model inside a vision-language model (transformers 5 layout)."""
+    language = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for name, module in model.named_modules():
+        if module is language:
+            return name
+    for name, _ in model.named_modules():
+        if name.endswith("text_model") or name.endswith("language_model"):
+            return name
+    raise ValueError(f"cannot find the language model of {type(model).__name__}")
+
+
+def _not_quantized(model: Any, text_model: str) -> tuple[str, ...]:
+    """Full module paths of everything outside the text model's decoder (vision tower, connector, lm_head)."""
+    parent, _, _ = text_model.rpartition(".")
+    container = model.get_submodule(parent) if parent else model
+    skip = [f"{parent}.{name}" if parent else name for name, _ in container.named_children()]
+    skip = [s for s in skip if s != text_model]
+    head = model.get_output_embeddings()
+    skip += [name for name, module in model.named_modules() if module is head]
+    return tuple(skip)
+
+
+def _choice(value: str, auto: bool) -> bool:
+    value = str(value).lower()
+    if value == "auto":
+        return auto
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expected auto, true or false, not {value!r}")

@@ -1,0 +1,584 @@
+"""The training job end to end on the tiny model: store -> DPO/KTO -> gate -> registry -> worker.
+
+The votes are synthetic but real (feedback.train_synthetic records them through the store's
+service functions): each prompt shows a colour, the 👍 answer names it and the 👎 answer names
+another, so only a model that looks at the image can learn the preference. One adapter is
+trained per module (`trained`) and shared; the gate, corrupt-adapter and --force tests reuse its
+files instead of training again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from feedback.db import upgrade_to_head
+from feedback.gate import GateScores, HeldoutScore, ProbeScore, decide, is_degenerate, preference_score
+from feedback.train import (
+    EXIT_ALREADY_RUNNING,
+    EXIT_PROMOTED,
+    EXIT_REJECTED,
+    EXIT_TOO_FEW,
+    build_trainer,
+    run,
+)
+from feedback.train_config import GateArguments, RunArguments, TrainArguments
+from feedback.train_data import load_training_data, store_call
+from feedback.train_model import (
+    NotEnoughGpuMemory,
+    check_gpu_memory,
+    completion_only_logprobs,
+    load_for_training,
+    plan_model,
+)
+from feedback.train_publish import publish_candidate
+from feedback.train_synthetic import record_colour_votes
+from feedback.trainlock import AlreadyRunning, training_lock, training_running
+from smolcord.registry import AdapterRegistry
+from smolcord.settings import Settings
+
+PROMPTS = 40  # 0.25 held out by prompt key: 10 held-out pairs, 30 to train on
+# Loud enough for the tiny model to learn the colours in 8 steps (the defaults suit real models); the
+# NLL term on the chosen answers (RPO) makes it answer "It is red." and stop instead of looping "red red".
+FAST = TrainArguments(learning_rate=1e-2, num_train_epochs=1, per_device_train_batch_size=4, sft_weight=1.0)
+CLOSED_PORT_URL = "http://127.0.0.1:9"  # nothing listens: the worker is down
+
+
+def make_settings(data_dir: Path, model_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(
+        data_dir=data_dir,
+        model=str(model_dir),
+        heldout_fraction=0.25,
+        gate_min_heldout=8,
+        gate_margin=0.05,
+        worker_url=CLOSED_PORT_URL,
+        keep_versions=5,
+    )
+    return Settings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
+
+
+def lines_of(buffer: io.StringIO) -> list[dict[str, Any]]:
+    """Every stdout line must be a JSON object (the bot parses them)."""
+    return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+
+def copy_store(template: Path, target: Path) -> Path:
+    shutil.copytree(template, target)
+    return target
+
+
+class FakeWorker:
+    """Records POST /v1/adapters/load on a free port, served from a thread of its own."""
+
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> FakeWorker:
+        from aiohttp import web
+
+        async def load(request: web.Request) -> web.Response:
+            body = await request.json()
+            self.loaded.append(body["version"])
+            return web.json_response({"version": body["version"]})
+
+        async def start() -> web.AppRunner:
+            app = web.Application()
+            app.router.add_post("/v1/adapters/load", load)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            self.url = f"http://127.0.0.1:{port}"
+            return runner
+
+        self._thread.start()
+        self._runner = asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def colour_store(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A data dir with a migrated store holding PROMPTS voted colour prompts; tests that write copy it."""
+    data_dir = tmp_path_factory.mktemp("colour-store") / "data"
+    settings = make_settings(data_dir, tiny_model_dir)
+    upgrade_to_head(settings.db_url)
+    record_colour_votes(settings, prompts=PROMPTS)
+    return data_dir
+
+
+@dataclass
+class Trained:
+    settings: Settings
+    code: int
+    lines: list[dict[str, Any]]
+    worker_loaded: list[str]
+    adapter: Path
+
+
+@pytest.fixture(scope="module")
+def trained(colour_store: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """One DPO run on the colour votes, with a worker listening: the adapter the module shares."""
+    data_dir = copy_store(colour_store, tmp_path_factory.mktemp("trained") / "data")
+    out = io.StringIO()
+    with FakeWorker() as worker:
+        settings = make_settings(data_dir, tiny_model_dir, worker_url=worker.url)
+        code = run(settings, RunArguments(progress="json"), FAST, stdout=out)
+    return Trained(settings, code, lines_of(out), worker.loaded, data_dir / "adapters" / "v1")
+
+
+@pytest.fixture(scope="module")
+def colour_data(colour_store: Path, tiny_model_dir: Path) -> tuple[Any, Any]:
+    """(processor, TrainingData) of the colour store, as the job loads them."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    data = load_training_data(
+        make_settings(colour_store, tiny_model_dir), method="dpo", processor=processor, limit=2048
+    )
+    return processor, data
+
+
+def registry_of(settings: Settings) -> AdapterRegistry:
+    return AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir)
+
+
+def install(settings: Settings, adapter: Path, *, promote: bool) -> str:
+    """Put a copy of an adapter folder into a registry as a new version."""
+    registry = registry_of(settings)
+    with registry.new_version({"status": "accepted"}) as staged:
+        shutil.copytree(
+            adapter, staged.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("metrics.json")
+        )
+    if promote:
+        registry.promote(str(staged.version), expected_current=registry.current())
+    return str(staged.version)
+
+
+# ------------------------------------------------------------------------------ a full run
+
+
+@pytest.mark.slow
+def test_dpo_run_learns_the_colours_and_is_promoted_and_served(
+    trained: Trained, tiny_model_dir: Path
+) -> None:
+    assert trained.code == EXIT_PROMOTED
+    *progress, final = trained.lines
+    assert progress and all(set(p) == {"step", "total", "loss"} for p in progress)
+    assert [p["step"] for p in progress] == list(range(1, progress[-1]["total"] + 1))
+    assert final["verdict"] == "promoted" and final["exit_code"] == 0
+    assert final["version"] == final["current"] == "v1"
+
+    registry = registry_of(trained.settings)
+    assert registry.current() == "v1"
+    metrics = registry.metrics("v1")
+    assert metrics["status"] == "promoted"
+    assert metrics["heldout_pairs"] == final["heldout_pairs"] >= trained.settings.gate_min_heldout
+    # Beats the base (0.5: all ties) on pairs it never trained on, by more than the gate's margin.
+    assert metrics["current"] == {"version": None, "heldout_accuracy": 0.5, "heldout_margin": 0.0}
+    assert metrics["heldout_accuracy"] >= 0.5 + trained.settings.gate_margin
+    assert metrics["heldout_margin"] > 0
+    assert metrics["data"]["train_pairs"] + metrics["data"]["heldout_pairs"] == PROMPTS
+    # The probes: greedy answers to held-out questions, short and not looping (the base rambles).
+    assert metrics["probes"]["candidate"]["degenerate"] <= metrics["probes"]["current"]["degenerate"]
+    assert metrics["probes"]["candidate"]["mean_tokens"] < metrics["probes"]["current"]["mean_tokens"]
+    assert (trained.adapter / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert trained.worker_loaded == ["v1"]
+    assert "serves v1" in final["worker"]
+
+    # The run and every pair it used are in the store, held-out ones marked.
+    run_view = store_call(trained.settings, "get_training_run", run_id=final["run_id"])
+    assert (run_view.status, run_view.adapter_version) == ("succeeded", "v1")
+    assert (run_view.pairs, run_view.heldout) == (PROMPTS, metrics["heldout_pairs"])
+    [record] = store_call(trained.settings, "list_adapters")
+    assert (record.version, record.status, record.run_id) == ("v1", "promoted", final["run_id"])
+
+
+@pytest.mark.slow
+def test_the_adapter_is_plain_peft_on_the_text_model_and_changed_the_weights(
+    trained: Trained, tiny_model_dir: Path
+) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    tensors = load_file(trained.adapter / "adapter_model.safetensors")
+    assert tensors and all(".text_model.layers." in key for key in tensors)
+    assert not any("vision_model" in key or "connector" in key for key in tensors)
+    # peft initialises every lora_B to zero: training moved them.
+    assert all(t.abs().max() > 0 for key, t in tensors.items() if "lora_B" in key)
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    before = base(input_ids=ids).logits
+    model = PeftModel.from_pretrained(base, trained.adapter)
+    assert not torch.allclose(model(input_ids=ids).logits, before)
+    with model.disable_adapter():
+        assert torch.allclose(model(input_ids=ids).logits, before)
+
+
+@pytest.mark.slow
+def test_a_candidate_trained_on_reversed_labels_is_rejected(tmp_path: Path, tiny_model_dir: Path) -> None:
+    settings = make_settings(tmp_path / "data", tiny_model_dir)
+    upgrade_to_head(settings.db_url)
+    # Votes backwards on every training prompt; the held-out prompts, voted right, show the truth.
+    record_colour_votes(settings, prompts=PROMPTS, seed=1, reverse="train")
+    out = io.StringIO()
+    code = run(settings, RunArguments(progress="json"), FAST, stdout=out)
+    final = lines_of(out)[-1]
+    assert code == EXIT_REJECTED and final["verdict"] == "rejected"
+    registry = registry_of(settings)
+    assert registry.current() is None  # still the base
+    assert registry.versions() == ["v1"]  # kept, as rejected, with its metrics
+    metrics = registry.metrics("v1")
+    assert metrics["status"] == "rejected"
+    assert metrics["heldout_accuracy"] < 0.5
+    assert "not above" in " ".join(metrics["gate"]["reasons"])
+    assert final["worker"].startswith("not told")
+    assert store_call(settings, "list_adapters")[0].status == "rejected"
+
+
+@pytest.mark.slow
+def test_kto_trains_on_rated_answers(colour_store: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    settings = make_settings(copy_store(colour_store, tmp_path / "data"), tiny_model_dir)
+    out = io.StringIO()
+    hp = replace(FAST, max_steps=4)
+    code = run(settings, RunArguments(method="kto", progress="json"), hp, stdout=out)
+    *progress, final = lines_of(out)
+    assert code in (EXIT_PROMOTED, EXIT_REJECTED), final
+    assert [p["step"] for p in progress] == [1, 2, 3, 4]
+    metrics = registry_of(settings).metrics("v1")
+    assert metrics["method"] == "kto"
+    assert metrics["data"]["train_answers"] > metrics["data"]["heldout_pairs"] > 0
+    tensors = load_file(settings.adapters_dir / "v1" / "adapter_model.safetensors")
+    assert all(t.abs().max() > 0 for key, t in tensors.items() if "lora_B" in key)
+    run_view = store_call(settings, "get_training_run", run_id=final["run_id"])
+    assert run_view.method == "kto" and run_view.status == "succeeded"
+
+
+# ------------------------------------------------------------------------------ data: lengths, collation
+
+
+@pytest.mark.slow
+def test_completion_tokens_survive_collation(
+    colour_data: tuple[Any, Any], tiny_model_dir: Path, tmp_path: Path
+):
+    processor, data = colour_data
+    plan = plan_model(
+        str(tiny_model_dir), device="cpu", dtype="auto", load_in_4bit="auto", gradient_checkpointing="auto",
+        headroom_gib=0,
+    )  # fmt: skip
+    trainer = build_trainer("dpo", load_for_training(plan), processor, data, plan, FAST, tmp_path)
+    assert trainer.args.max_length == data.max_length == max(e.tokens for e in data.train + data.heldout)
+    batch = next(iter(trainer.get_train_dataloader()))
+    per_row = batch["completion_mask"].sum(-1)
+    assert batch["input_ids"].shape[0] == 2 * FAST.per_device_train_batch_size
+    # Every chosen and rejected answer keeps all its tokens: " It is red.<end_of_utterance>\n".
+    answer = processor.tokenizer(" It is red.<end_of_utterance>\n", add_special_tokens=False)["input_ids"]
+    assert (per_row == len(answer)).all(), per_row
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    assert ((labels != -100).sum(-1) > 0).all()
+    # On the CPU the job lets trl's fused head score only those tokens: the same log-probabilities.
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    with torch.no_grad():
+        everywhere = trainer.model(**inputs, labels=labels, fused_lm_head=True).log_probs
+        with completion_only_logprobs(torch.device("cpu")):
+            compact = trainer.model(**inputs, labels=labels, fused_lm_head=True).log_probs
+    assert torch.allclose(everywhere, compact, atol=1e-6) and compact.abs().sum() > 0
+
+
+def test_too_long_examples_are_dropped_and_counted_never_cut(colour_data: tuple[Any, Any]) -> None:
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from feedback.train_data import split_by_length, with_images
+
+    processor, data = colour_data
+    examples = data.train + data.heldout
+    lengths = sorted(e.tokens for e in examples)
+    limit = lengths[len(lengths) // 2]
+    kept, dropped = split_by_length(examples, limit)
+    assert len(kept) + len(dropped) == len(examples) and dropped and kept
+    assert all(e.tokens <= limit for e in kept) and all(e.tokens > limit for e in dropped)
+    # The trap this avoids: trl's collator cuts at max_length, and a cut completion trains on nothing.
+    shortest_prompt = min(e.tokens - e.completion_tokens for e in examples)
+    cut = DataCollatorForVisionPreference(processor=processor, max_length=shortest_prompt)
+    assert cut([with_images(examples[0].row)])["completion_mask"].sum() == 0
+
+
+def test_dry_run_prints_the_counts_and_trains_nothing(
+    colour_store: Path, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from smolcord.cli import main
+
+    data_dir = copy_store(colour_store, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # no .env from the repository
+    for name, value in {"DATA_DIR": data_dir, "MODEL": tiny_model_dir, "HELDOUT_FRACTION": 0.25}.items():
+        monkeypatch.setenv(f"SMOLCORD_{name}", str(value))
+    assert main(["train", "--dry-run", "--progress", "json"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    final = json.loads(line)
+    assert final["verdict"] == "dry-run" and final["exit_code"] == 0
+    counts = final["data"]
+    assert counts["train_pairs"] + counts["heldout_pairs"] == PROMPTS and counts["heldout_pairs"] > 0
+    assert counts["images"] == PROMPTS and counts["dropped_too_long"] == 0
+    assert 0 < counts["tokens"]["min"] <= counts["tokens"]["max"] <= counts["token_limit"]
+    settings = make_settings(data_dir, tiny_model_dir)
+    assert registry_of(settings).versions() == []
+    assert (
+        store_call(settings, "last_training_run", statuses=("running", "succeeded", "failed", "skipped"))
+        is None
+    )
+
+
+def test_too_few_pairs_exit_cleanly(tmp_path: Path, tiny_model_dir: Path) -> None:
+    settings = make_settings(tmp_path / "data", tiny_model_dir)
+    upgrade_to_head(settings.db_url)
+    record_colour_votes(settings, prompts=2)
+    out = io.StringIO()
+    assert run(settings, RunArguments(progress="json"), stdout=out) == EXIT_TOO_FEW
+    [final] = lines_of(out)
+    assert final["verdict"] == "skipped" and "too few" in final["message"]
+    assert registry_of(settings).versions() == []
+    last = store_call(settings, "last_training_run", statuses=("skipped",))
+    assert last is not None and last.pairs == 0
+
+
+# ------------------------------------------------------------------------------ the gate
+
+
+@pytest.mark.slow
+def test_too_few_heldout_pairs_need_force(
+    trained: Trained, colour_data: tuple[Any, Any], tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    processor, data = colour_data
+    settings = make_settings(tmp_path / "data", tiny_model_dir, gate_min_heldout=len(data.heldout) + 1)
+    upgrade_to_head(settings.db_url)
+    registry = registry_of(settings)
+
+    def publish(force: bool) -> Any:
+        return publish_candidate(
+            settings, registry, save=lambda path: shutil.copytree(trained.adapter, path, dirs_exist_ok=True),
+            processor=processor, data=data, method="dpo", hp=FAST, gate=GateArguments(), force=force,
+        )  # fmt: skip
+
+    refused = publish(force=False)
+    assert not refused.promoted and "held-out pairs" in refused.message
+    assert registry.current() is None and refused.metrics["status"] == "rejected"
+    forced = publish(force=True)
+    assert forced.promoted and "--force" in forced.message
+    assert registry.current() == forced.version == "v2"
+    assert registry.metrics("v2")["gate"]["forced"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["garbage file", "nan weights"])
+def test_a_corrupt_adapter_is_refused_even_with_force(
+    damage: str, trained: Trained, colour_data: tuple[Any, Any], tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    processor, data = colour_data
+    settings = make_settings(tmp_path / "data", tiny_model_dir)
+    upgrade_to_head(settings.db_url)
+    registry = registry_of(settings)
+    install(settings, trained.adapter, promote=True)
+
+    def save_corrupt(path: Path) -> None:
+        shutil.copytree(trained.adapter, path, dirs_exist_ok=True)
+        weights = path / "adapter_model.safetensors"
+        if damage == "garbage file":
+            weights.write_bytes(weights.read_bytes()[:100])
+        else:
+            tensors = {k: torch.full_like(v, float("nan")) for k, v in load_file(weights).items()}
+            save_file(tensors, weights)
+
+    outcome = publish_candidate(
+        settings, registry, save=save_corrupt, processor=processor, data=data, method="dpo", hp=FAST,
+        gate=GateArguments(), force=True,
+    )  # fmt: skip
+    assert not outcome.promoted and "refused" in outcome.message
+    assert registry.current() == "v1"
+    assert outcome.metrics["gate"]["error"]
+
+
+def test_killed_while_publishing_leaves_no_version_and_current_unmoved(
+    trained: Trained, colour_data: tuple[Any, Any], tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    processor, data = colour_data
+    settings = make_settings(tmp_path / "data", tiny_model_dir)
+    registry = registry_of(settings)
+    install(settings, trained.adapter, promote=True)
+
+    def save_then_die(path: Path) -> None:
+        shutil.copytree(trained.adapter, path, dirs_exist_ok=True)
+        raise SystemExit(143)  # what SIGTERM becomes inside a run
+
+    with pytest.raises(SystemExit):
+        publish_candidate(
+            settings, registry, save=save_then_die, processor=processor, data=data, method="dpo", hp=FAST,
+            gate=GateArguments(),
+        )  # fmt: skip
+    assert registry.versions() == ["v1"] and registry.current() == "v1"
+    assert [p.name for p in settings.adapters_dir.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_gate_decisions() -> None:
+    def scores(
+        candidate: float | None, current: float | None, pairs: int = 20, bad_probes: int = 0
+    ) -> GateScores:
+        return GateScores(
+            HeldoutScore(pairs, candidate, 0.1),
+            HeldoutScore(pairs, current, 0.0),
+            ProbeScore(4, 0, bad_probes, 10.0),
+            ProbeScore(4, 0, 0, 10.0),
+            current_version="v3",
+        )
+
+    assert decide(scores(0.80, 0.70), min_heldout=16, margin=0.05).promote
+    assert decide(scores(0.75, 0.70), min_heldout=16, margin=0.05).promote  # exactly the margin
+    assert not decide(scores(0.74, 0.70), min_heldout=16, margin=0.05).promote
+    assert not decide(scores(0.90, 0.70, pairs=10), min_heldout=16, margin=0.05).promote
+    assert decide(scores(0.90, 0.70, pairs=10), min_heldout=16, margin=0.05, force=True).forced
+    degenerate = decide(scores(0.90, 0.70, bad_probes=1), min_heldout=16, margin=0.05)
+    assert not degenerate.promote and "degenerate" in degenerate.reasons[0]
+    corrupt = replace(scores(0.9, 0.7), error="unreadable")
+    assert not decide(corrupt, min_heldout=0, margin=0, force=True).promote
+
+
+def test_preference_accuracy_counts_ties_as_half() -> None:
+    base = torch.zeros(4)
+    chosen = torch.tensor([1.0, 0.0, -1.0, 0.0])
+    rejected = torch.tensor([0.0, 0.0, 0.0, -2.0])
+    score = preference_score(chosen, rejected, base, base, beta=0.1)
+    assert score.accuracy == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert score.mean_margin == pytest.approx(0.1 * (1 + 0 - 1 + 2) / 4)
+    same = preference_score(base, base, base, base, beta=0.1)
+    assert (same.accuracy, same.mean_margin) == (0.5, 0.0)
+    assert (
+        is_degenerate([], "   ")
+        and is_degenerate([5, 6] * 10, "la la")
+        and not is_degenerate(list(range(20)), "ok")
+    )
+
+
+# ------------------------------------------------------------------------------ one run at a time
+
+
+def test_a_second_run_exits_already_running(tmp_path: Path, tiny_model_dir: Path) -> None:
+    settings = make_settings(tmp_path / "data", tiny_model_dir)
+    out = io.StringIO()
+    with training_lock(settings.locks_dir):
+        assert training_running(settings.locks_dir)
+        with pytest.raises(AlreadyRunning, match=f"pid {os.getpid()}"), training_lock(settings.locks_dir):
+            pass
+        assert run(settings, RunArguments(progress="json"), stdout=out) == EXIT_ALREADY_RUNNING
+    [final] = lines_of(out)
+    assert final["verdict"] == "already-running" and "already running" in final["message"]
+    assert not training_running(settings.locks_dir)
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_nothing_behind_and_the_next_run_works(
+    colour_store: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    data_dir = copy_store(colour_store, tmp_path / "data")
+    settings = make_settings(data_dir, tiny_model_dir)
+    env = os.environ | {
+        "SMOLCORD_DATA_DIR": str(data_dir), "SMOLCORD_MODEL": str(tiny_model_dir), "SMOLCORD_HELDOUT_FRACTION": "0.25",
+        "SMOLCORD_WORKER_URL": CLOSED_PORT_URL,
+    }  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-m", "smolcord", "train", "--progress", "json"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        first = json.loads(_readline(child, timeout=120))
+        assert set(first) == {"step", "total", "loss"} and first["step"] < first["total"]
+        assert training_running(settings.locks_dir)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+        child.stdout.close()  # type: ignore[union-attr]
+
+    registry = registry_of(settings)
+    assert registry.versions() == [] and registry.current() is None
+    assert not training_running(settings.locks_dir)  # the OS dropped the flock with the process
+    killed = store_call(settings, "last_training_run", statuses=("running",))
+    assert killed is not None
+
+    out = io.StringIO()
+    code = run(settings, RunArguments(progress="json"), replace(FAST, max_steps=2), stdout=out)
+    assert code in (EXIT_PROMOTED, EXIT_REJECTED), lines_of(out)[-1]
+    assert registry.versions() == ["v1"]
+    assert store_call(settings, "get_training_run", run_id=killed.id).status == "failed"
+    assert list(settings.runs_dir.glob(".tmp-*")) == []
+
+
+def _readline(child: subprocess.Popen[str], timeout: float) -> str:
+    """The child's next stdout line, or fail after `timeout` seconds."""
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(child.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(timeout)
+    if not result or not result[0]:
+        pytest.fail(f"no progress line from the child within {timeout} s (exit code {child.poll()})")
+    return result[0]
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def test_big_bases_load_in_4bit_with_vision_tower_connector_and_head_kept_out(tmp_path: Path) -> None:
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from model.tiny import arch_config
+
+    arch_config("smolvlm-2b").save_pretrained(tmp_path)
+    kwargs = dict(device="cpu", dtype="auto", gradient_checkpointing="auto", headroom_gib=1.0)
+    plan = plan_model(str(tmp_path), load_in_4bit="auto", **kwargs)
+    assert plan.params > 2e9 and not plan.quantize  # on the CPU: full precision, so the loop runs here
+    assert plan.skip_modules == ("model.vision_model", "model.connector", "lm_head")
+    assert not should_convert_module("model.vision_model.encoder.layers.0.mlp.fc1", list(plan.skip_modules))
+    assert not should_convert_module("model.connector.modality_projection.proj", list(plan.skip_modules))
+    assert should_convert_module("model.text_model.layers.0.mlp.up_proj", list(plan.skip_modules))
+    with pytest.raises(ValueError, match="CUDA"):
+        plan_model(str(tmp_path), load_in_4bit="true", **kwargs)
+
+
+def test_not_enough_gpu_memory_is_refused_before_loading(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = plan_model(
+        str(tiny_model_dir), device="cpu", dtype="auto", load_in_4bit="auto", gradient_checkpointing="auto",
+        headroom_gib=4.0,
+    )  # fmt: skip
+    check_gpu_memory(plan)  # the CPU: nothing to check
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 80 * 2**30))
+    with pytest.raises(NotEnoughGpuMemory, match=r"needs about 4\.0 GiB.*only 1\.0 of 80\.0 GiB"):
+        check_gpu_memory(replace(plan, device=torch.device("cuda", 0)))
