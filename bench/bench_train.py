@@ -16,7 +16,9 @@ are decoded and tiled per batch, never held in memory).
 
 Goal: the real path at least 0.8x the hand-written pairs/s. Each side runs --repeats times,
 alternating, and its best run counts (the CPU is shared; the best run is the least disturbed).
-Prints a table, then one JSON line with every figure.
+Both run on --threads torch threads (default 1): on a small shared machine two OpenMP threads
+spin-wait on each other whenever another process holds a core, and steps then take 10-20x longer
+at random. Prints a table, then one JSON line with every figure.
 """
 
 from __future__ import annotations
@@ -149,10 +151,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each side; the best counts")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side; the best counts")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
     args = parser.parse_args(argv)
     logging.disable(logging.INFO)  # the job logs every run; the table is what matters here
-    torch.set_num_threads(torch.get_num_threads())  # both sides share one setting
+    torch.set_num_threads(args.threads)
 
     from model.tiny import build_tiny_model
 

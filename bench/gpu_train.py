@@ -123,7 +123,7 @@ def hand_written(settings: Any, *, batch: int, steps: int) -> dict[str, Any]:
     collate = DataCollatorForVisionPreference(processor=processor, max_length=None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
 
-    def logps(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logps(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         kwargs = {k: v for k, v in inputs.items() if k != "completion_mask"}
         logits = model(**kwargs, use_cache=False).logits[:, :-1].float()
         tokens = inputs["input_ids"][:, 1:]
@@ -139,8 +139,8 @@ def hand_written(settings: Any, *, batch: int, steps: int) -> dict[str, Any]:
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(plan.dtype)
         with torch.no_grad(), model.disable_adapter():
-            reference = logps(inputs)
-        policy = logps(inputs)
+            reference = logps(model, inputs)
+        policy = logps(model, inputs)
         n = policy.shape[0] // 2
         margin = (policy[:n] - reference[:n]) - (policy[n:] - reference[n:])
         (-torch.nn.functional.logsigmoid(BETA * margin).mean()).backward()

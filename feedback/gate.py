@@ -182,7 +182,8 @@ def score_versions(
     model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=resolve_dtype(dtype, target))
     try:
         return _score(
-            model.to(target).eval(), model_id=model_id, processor=processor, heldout_rows=heldout_rows,
+            model.to(target).eval(),  # type: ignore[arg-type]  # transformers' stubs of .to
+            model_id=model_id, processor=processor, heldout_rows=heldout_rows,
             probe_rows=probe_rows, candidate_dir=candidate_dir, current_dir=current_dir,
             current_version=current_version, beta=beta, batch_size=batch_size,
             probe_max_new_tokens=probe_max_new_tokens, tie_tolerance=tie_tolerance,

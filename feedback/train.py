@@ -230,10 +230,12 @@ def build_trainer(
         save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=0,
     )  # fmt: skip
+    config: Any
+    trainer_class: Any
     if method == "dpo":
-        losses = (
-            {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, hp.sft_weight]} if hp.sft_weight else {}
-        )
+        losses: dict[str, Any] = {}
+        if hp.sft_weight:  # RPO: DPO's loss plus an NLL term on the chosen answers
+            losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, hp.sft_weight]}
         config, trainer_class = DPOConfig(**common, **losses), DPOTrainer
     else:
         # KTO samples in order (its KL term pairs neighbours): shuffle once, seeded; weigh 👍 and 👎 alike.

@@ -103,13 +103,12 @@ def load_training_data(settings: Settings, *, method: str, processor: Any, limit
             row = pair_row(source) if kind == "pairs" else rated_row(source)
             for name in METADATA_COLUMNS[kind]:
                 row.pop(name)
-            ids = (
-                (source.chosen_response_id, source.rejected_response_id)
-                if kind == "pairs"
-                else ((source.response_id, None) if source.label else (None, source.response_id))
-            )
+            if kind == "pairs":
+                chosen, rejected = source.chosen_response_id, source.rejected_response_id
+            else:
+                chosen, rejected = (source.response_id, None) if source.label else (None, source.response_id)
             heldout = is_heldout(source.prompt_key, settings.heldout_fraction)
-            found.append(Example(row, source.prompt_key, heldout, *ids, source=source))
+            found.append(Example(row, source.prompt_key, heldout, chosen, rejected, source=source))
         return found
 
     paired = examples(pairs, "pairs")
@@ -167,7 +166,8 @@ def measure(examples: Sequence[Example], processor: Any) -> None:
 
 def split_by_length(examples: Sequence[Example], limit: int) -> tuple[list[Example], list[Example]]:
     """(kept, dropped): dropped are longer than `limit` tokens, or have a completion of no tokens."""
-    kept, dropped = [], []
+    kept: list[Example] = []
+    dropped: list[Example] = []
     for example in examples:
         ok = 0 < example.tokens <= limit and example.completion_tokens > 0
         (kept if ok else dropped).append(example)

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,16 @@ class FakeWorker:
 
 
 # ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for this module: on a small shared machine two OpenMP threads spin-wait on each
+    other whenever another process holds a core, and training steps take 10-20x longer at random."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -511,7 +522,7 @@ def test_a_killed_run_leaves_nothing_behind_and_the_next_run_works(
     settings = make_settings(data_dir, tiny_model_dir)
     env = os.environ | {
         "SMOLCORD_DATA_DIR": str(data_dir), "SMOLCORD_MODEL": str(tiny_model_dir), "SMOLCORD_HELDOUT_FRACTION": "0.25",
-        "SMOLCORD_WORKER_URL": CLOSED_PORT_URL,
+        "SMOLCORD_WORKER_URL": CLOSED_PORT_URL, "OMP_NUM_THREADS": "1",
     }  # fmt: skip
     child = subprocess.Popen(
         [sys.executable, "-m", "smolcord", "train", "--progress", "json"],
