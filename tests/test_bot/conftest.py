@@ -19,6 +19,8 @@ def start_bot(tiny_engine, tmp_path, migrated_db_template):
     from bot_harness import running_bot
 
     def start(**overrides):
-        return running_bot(engine=tiny_engine, tmp_path=tmp_path, db_template=migrated_db_template, **overrides)
+        return running_bot(
+            engine=tiny_engine, tmp_path=tmp_path, db_template=migrated_db_template, **overrides
+        )
 
     return start
