@@ -31,7 +31,7 @@ import hashlib
 import heapq
 import json
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -332,12 +332,12 @@ async def build_pairs(session: AsyncSession, *, settings: Settings) -> list[Pref
         async with transaction(session):
             scores = await _scores(session, settings)
             candidates = _candidate_pairs(scores)
-            kept = cap_voter_share(
+            kept = _cap(
                 candidates,
-                deciders=[candidate[3] for candidate in candidates],
-                # only pairs somebody decides can be dropped: only they need a rank
-                ranks=[_rank(key, c, r) if d else "" for key, c, r, d in candidates],
-                share=settings.max_voter_share,
+                [candidate[3] for candidate in candidates],
+                # ranks are computed only for the pairs of a voter who must lose some
+                lambda index: _rank(*candidates[index][:3]),
+                settings.max_voter_share,
             )
             wanted = {scores.prompt_of[chosen][0] for _, chosen, _, _ in kept}
             prompts = await _prompts(session, settings, scores, wanted)
@@ -402,11 +402,11 @@ async def build_rated_answers(session: AsyncSession, *, settings: Settings) -> l
         async with transaction(session):
             scores = await _scores(session, settings)
             rated = sorted((scores.prompt_of[response_id][1], response_id) for response_id in scores.net)
-            kept = cap_voter_share(
+            kept = _cap(
                 rated,
-                deciders=[scores.deciders(response_id) for _, response_id in rated],
-                ranks=[_rank(key, r) if scores.deciders(r) else "" for key, r in rated],
-                share=settings.max_voter_share,
+                [scores.deciders(response_id) for _, response_id in rated],
+                lambda index: _rank(*rated[index]),
+                settings.max_voter_share,
             )
             prompts = await _prompts(session, settings, scores, {scores.prompt_of[r][0] for _, r in kept})
         answers = []
@@ -448,9 +448,18 @@ def cap_voter_share(
 
     `deciders` and `ranks` default to each item's `.deciders` and `.drop_rank`.
     """
-    n = len(items)
     decided = list(deciders) if deciders is not None else [item.deciders for item in items]  # type: ignore[attr-defined]
-    order = list(ranks) if ranks is not None else [item.drop_rank for item in items]  # type: ignore[attr-defined]
+    if ranks is not None:
+        return _cap(items, decided, ranks.__getitem__, share)
+    return _cap(items, decided, lambda index: items[index].drop_rank, share)  # type: ignore[attr-defined]
+
+
+def _cap(
+    items: Sequence[T], decided: Sequence[frozenset[int]], rank_of: Callable[[int], str], share: float
+) -> list[T]:
+    """`cap_voter_share` with each item's rank computed on demand: only the items of a voter who
+    loses some are ranked, and each voter's items are sorted only then."""
+    n = len(items)
     limit = Fraction(str(share))
     if limit >= 1 or n == 0:
         return list(items)
@@ -458,12 +467,19 @@ def cap_voter_share(
     for index, voters in enumerate(decided):
         for voter in voters:
             by_voter[voter].append(index)
-    for indexes in by_voter.values():
-        indexes.sort(key=lambda i: order[i], reverse=True)  # dropped first: the highest rank
+    ranks: dict[int, str] = {}
+
+    def rank(index: int) -> str:
+        value = ranks.get(index)
+        if value is None:
+            value = ranks[index] = rank_of(index)
+        return value
+
     counts = {voter: len(indexes) for voter, indexes in by_voter.items()}
     cursor = dict.fromkeys(by_voter, 0)
     alive = [True] * n
     size = n
+    ranked: set[int] = set()
     # Max-heap of (count, voter), with stale entries skipped: counts only ever go down.
     heap = [(-count, voter) for voter, count in counts.items()]
     heapq.heapify(heap)
@@ -478,6 +494,10 @@ def cap_voter_share(
         # the fewest drops k with (count - k) <= limit * (size - k)
         drop = ceil((count - limit * size) / (1 - limit))
         indexes = by_voter[voter]
+        if voter not in ranked:
+            ranked.add(voter)
+            # dropped first: the highest rank (the items dropped so far stay skipped as before)
+            indexes.sort(key=rank, reverse=True)
         while drop > 0:
             index = indexes[cursor[voter]]
             cursor[voter] += 1
