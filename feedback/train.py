@@ -14,6 +14,11 @@ the gate says so (or --force), recorded in the store with the pairs it used, and
 told to load it. One run at a time (feedback.trainlock); a run killed at any point leaves no
 half-written version, no moved `current` and no stale lock.
 
+Under `accelerate launch --num_processes N -m smolcord train` (or torchrun) the run is data-parallel:
+the main process alone locks, records, gates and publishes; every process trains on its own device
+(feedback.train_distributed has the details). Other ranks exit with the main process's early-exit
+code, or 0 after training, and print nothing on stdout.
+
 Exit codes (also the final JSON line's "exit_code"):
     0  promoted, or --dry-run printed what it would train on
     1  failed: an error (nothing promoted, no half-written version)
@@ -46,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from feedback.train_config import GateArguments, RunArguments, TrainArguments
+from feedback.train_distributed import ranks_from_env
 from feedback.train_progress import RunOutput, describe_data, progress_callback
 from feedback.trainlock import AlreadyRunning, training_lock
 
@@ -76,6 +82,14 @@ def run(
     out = RunOutput(args.progress or ("bar" if sys.stderr.isatty() else "none"), stdout or sys.stdout)
     # In JSON mode stdout is the bot's channel: anything a library prints goes to stderr instead.
     redirect = contextlib.redirect_stdout(sys.stderr) if out.mode == "json" else contextlib.nullcontext()
+    ranks = ranks_from_env()
+    if ranks.distributed:  # accelerate launch / torchrun: see feedback.train_distributed
+        from feedback.train_distributed import run_distributed
+
+        with redirect, _sigterm_unwinds():
+            return run_distributed(
+                settings, args, train or TrainArguments(), gate or GateArguments(), out, ranks
+            )
     with redirect, _sigterm_unwinds():
         try:
             with training_lock(settings.locks_dir):
