@@ -92,6 +92,7 @@ class Training(commands.Cog):
         self.bot = bot
         self.runner = TrainingRunner(bot.settings)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._purge_work: asyncio.Future[int] | None = None
 
     async def cog_load(self) -> None:
         at = nightly_time(self.bot.settings)
@@ -101,8 +102,17 @@ class Training(commands.Cog):
         self.daily_purge.start()
 
     async def cog_unload(self) -> None:
+        loops = [task for task in (self.nightly.get_task(), self.daily_purge.get_task()) if task]
         self.nightly.cancel()
         self.daily_purge.cancel()
+        # A purge in flight is one short transaction: let it commit rather than cut it mid-write, and
+        # wait for the loops to unwind before the caller closes the store under them (a cancelled
+        # session left cleaning up on a closed engine would wait forever).
+        if self._purge_work is not None and not self._purge_work.done():
+            await asyncio.wait({self._purge_work}, timeout=30)
+        pending = [task for task in loops if not task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=10)
         for task in list(self._tasks):
             task.cancel()  # the runner stops its child process
         if self._tasks:
@@ -149,6 +159,11 @@ class Training(commands.Cog):
 
     async def purge(self) -> int:
         """Delete what is older than SMOLCORD_RETENTION_DAYS; returns how many prompts went."""
+        # shielded: stopping the bot waits for this transaction instead of cancelling it (cog_unload)
+        self._purge_work = asyncio.ensure_future(self._purge_once())
+        return await asyncio.shield(self._purge_work)
+
+    async def _purge_once(self) -> int:
         try:
             async with self.bot.sessions() as session:
                 deletion = await purge_expired(session, settings=self.bot.settings)
