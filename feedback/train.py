@@ -115,7 +115,7 @@ def _run_locked(
         load_for_training,
         plan_model,
     )
-    from feedback.train_publish import publish_candidate, tell_worker
+    from feedback.train_publish import publish_candidate
     from smolcord.registry import AdapterRegistry
 
     _quiet_libraries()
@@ -194,6 +194,14 @@ def _run_locked(
         error = f"{type(exc).__name__}: {exc}"
         store_call(settings, "finish_training_run", run_id=run_id, status="failed", error=error)
         raise
+    return conclude_run(settings, registry, out, outcome, run_id=run_id)
+
+
+def conclude_run(settings: Settings, registry: Any, out: RunOutput, outcome: Any, *, run_id: int) -> int:
+    """After publishing: record the run as succeeded, tell the worker, prune, print the verdict."""
+    from feedback.train_data import store_call
+    from feedback.train_publish import tell_worker
+
     store_call(settings, "finish_training_run", run_id=run_id, status="succeeded",
                metrics=outcome.metrics, adapter_version=outcome.version)  # fmt: skip
     worker = (

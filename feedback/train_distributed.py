@@ -179,7 +179,6 @@ def _main_locked(
     from feedback.train import (
         EXIT_NO_GPU_MEMORY,
         EXIT_PROMOTED,
-        EXIT_REJECTED,
         EXIT_TOO_FEW,
         _quiet_libraries,
         _release,
@@ -188,7 +187,7 @@ def _main_locked(
         plan_limit,
     )
     from feedback.train_data import close_stale_runs, load_training_data, store_call
-    from feedback.train_publish import publish_candidate, tell_worker
+    from feedback.train_publish import publish_candidate
     from smolcord.registry import AdapterRegistry
 
     _quiet_libraries()
@@ -259,20 +258,9 @@ def _main_locked(
         error = f"{type(exc).__name__}: {exc}"
         store_call(settings, "finish_training_run", run_id=run_id, status="failed", error=error)
         raise
-    store_call(settings, "finish_training_run", run_id=run_id, status="succeeded",
-               metrics=outcome.metrics, adapter_version=outcome.version)  # fmt: skip
-    worker = (
-        tell_worker(settings, registry.current()) if outcome.promoted else "not told: nothing new to serve"
-    )
-    removed = registry.prune(settings.keep_versions)
-    return out.finish(
-        EXIT_PROMOTED if outcome.promoted else EXIT_REJECTED,
-        "promoted" if outcome.promoted else "rejected",
-        outcome.message, version=outcome.version, current=registry.current(), report=str(outcome.report),
-        heldout_accuracy=outcome.metrics.get("heldout_accuracy"), heldout_pairs=outcome.metrics.get("heldout_pairs"),
-        current_accuracy=outcome.metrics["current"].get("heldout_accuracy"), worker=worker, pruned=removed,
-        run_id=run_id,
-    )  # fmt: skip
+    from feedback.train import conclude_run
+
+    return conclude_run(settings, registry, out, outcome, run_id=run_id)
 
 
 # ------------------------------------------------------------------------------ the other ranks
