@@ -4,9 +4,9 @@ import json
 
 from test_feedback.harness import make_image
 
-from feedback import service
-from feedback.export import METADATA_COLUMNS, export, pair_row, rated_row, to_dataset
-from feedback.pairs import build_pairs, build_rated_answers
+from feedback.store import service
+from feedback.store.export import METADATA_COLUMNS, export, pair_row, rated_row, to_dataset
+from feedback.store.pairs import build_pairs, build_rated_answers
 from smolcord.cli import main
 
 

@@ -8,7 +8,7 @@ Rules, all applied here at build time (so a later opt-out or `/learning off` cou
   names a voter role, the voter held that role when voting (the role recorded with the vote must
   be the one named now).
 - A user's vote on a response is (a 👍 present) − (a 👎 present); a response's score is the sum.
-- Responses are compared within a prompt key (same images, question and history: feedback.service
+- Responses are compared within a prompt key (same images, question and history: feedback.store.service
   .prompt_key), so a 🔁 alternative and the first answer form pairs, and so do answers to the same
   question asked twice. Every chosen (score > 0) × rejected (score < 0) whose texts differ is a
   pair; within a key, one pair per distinct (chosen text, rejected text).
@@ -56,9 +56,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from feedback.db import transaction
-from feedback.models import GuildSettings, Image, OptedOutUser, Prompt, PromptImage, Reaction, Response
-from feedback.votes import THUMBS_DOWN_VARIANTS, THUMBS_UP_VARIANTS
+from feedback.store.db import transaction
+from feedback.store.models import GuildSettings, Image, OptedOutUser, Prompt, PromptImage, Reaction, Response
+from feedback.store.votes import THUMBS_DOWN_VARIANTS, THUMBS_UP_VARIANTS
 
 if TYPE_CHECKING:
     from smolcord.settings import Settings

@@ -1,6 +1,6 @@
 """One training run over several processes: `accelerate launch --num_processes N -m smolcord train` or torchrun.
 
-The launcher sets RANK, LOCAL_RANK and WORLD_SIZE; feedback.train.run comes here when WORLD_SIZE > 1.
+The launcher sets RANK, LOCAL_RANK and WORLD_SIZE; feedback.training.job.run comes here when WORLD_SIZE > 1.
 The main process (rank 0) alone takes the training lock, reads the store, records the run, gates,
 publishes, prunes and tells the worker, exactly as a single-process run does; it sends the data
 it loaded (same split, same order) to every other rank, so all train on the same examples even if
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from feedback.train_config import GateArguments, RunArguments, TrainArguments
-from feedback.train_progress import RunOutput, describe_data, progress_callback
-from feedback.trainlock import AlreadyRunning, training_lock
+from feedback.training.config import GateArguments, RunArguments, TrainArguments
+from feedback.training.progress import RunOutput, describe_data, progress_callback
+from smolcord.trainlock import AlreadyRunning, training_lock
 
 if TYPE_CHECKING:
     from smolcord.settings import Settings
@@ -175,8 +175,9 @@ def _main_locked(
     import torch.distributed as dist
     from transformers import AutoProcessor
 
-    from feedback.db import upgrade_to_head
-    from feedback.train import (
+    from feedback.store.db import upgrade_to_head
+    from feedback.training.data import close_stale_runs, load_training_data, store_call
+    from feedback.training.job import (
         EXIT_NO_GPU_MEMORY,
         EXIT_PROMOTED,
         EXIT_TOO_FEW,
@@ -186,8 +187,7 @@ def _main_locked(
         peak_gpu_gib,
         plan_limit,
     )
-    from feedback.train_data import close_stale_runs, load_training_data, store_call
-    from feedback.train_publish import publish_candidate
+    from feedback.training.publish import publish_candidate
     from smolcord.registry import AdapterRegistry
 
     _quiet_libraries()
@@ -258,7 +258,7 @@ def _main_locked(
         error = f"{type(exc).__name__}: {exc}"
         store_call(settings, "finish_training_run", run_id=run_id, status="failed", error=error)
         raise
-    from feedback.train import conclude_run
+    from feedback.training.job import conclude_run
 
     return conclude_run(settings, registry, out, outcome, run_id=run_id)
 
@@ -270,7 +270,7 @@ def _other_rank(settings: Settings, args: RunArguments, hp: TrainArguments, devi
     import torch.distributed as dist
     from transformers import AutoProcessor
 
-    from feedback.train import _quiet_libraries
+    from feedback.training.job import _quiet_libraries
 
     _quiet_libraries()
     decision = _broadcast(None)
@@ -278,7 +278,7 @@ def _other_rank(settings: Settings, args: RunArguments, hp: TrainArguments, devi
         return int(decision["exit"])
     plan = _plan(settings, hp, device)
     if _gpu_memory_errors(plan):
-        from feedback.train import EXIT_NO_GPU_MEMORY
+        from feedback.training.job import EXIT_NO_GPU_MEMORY
 
         dist.barrier()  # until the main process has recorded the refusal
         return EXIT_NO_GPU_MEMORY
@@ -293,7 +293,7 @@ def _other_rank(settings: Settings, args: RunArguments, hp: TrainArguments, devi
 
 
 def _plan(settings: Settings, hp: TrainArguments, device: Any) -> Any:
-    from feedback.train_model import plan_model
+    from feedback.training.trainer import plan_model
 
     return plan_model(
         settings.model, device=str(device), dtype=settings.dtype, load_in_4bit=hp.load_in_4bit,
@@ -305,7 +305,7 @@ def _gpu_memory_errors(plan: Any) -> list[str]:
     """Every rank checks its own GPU; all of them get every rank's refusal (none off CUDA)."""
     import torch.distributed as dist
 
-    from feedback.train_model import NotEnoughGpuMemory, check_gpu_memory
+    from feedback.training.trainer import NotEnoughGpuMemory, check_gpu_memory
 
     error = None
     try:
@@ -327,8 +327,8 @@ def _train(
     callbacks: list[Any],
 ) -> tuple[Any, Any, float]:
     """Load the base on this rank's device and train (trl wraps the model in DDP)."""
-    from feedback.train import build_trainer
-    from feedback.train_model import completion_only_logprobs, load_for_training
+    from feedback.training.job import build_trainer
+    from feedback.training.trainer import completion_only_logprobs, load_for_training
 
     model = load_for_training(plan)
     with _own_scratch_dir(settings.runs_dir) as scratch:

@@ -1,6 +1,6 @@
 """The training job end to end on the tiny model: store -> DPO/KTO -> gate -> registry -> worker.
 
-The votes are synthetic but real (feedback.train_synthetic records them through the store's
+The votes are synthetic but real (feedback.store.synthetic records them through the store's
 service functions): each prompt shows a colour, the 👍 answer names it and the 👎 answer names
 another, so only a model that looks at the image can learn the preference. One adapter is
 trained per module (`trained`) and shared; the gate, corrupt-adapter and --force tests reuse its
@@ -26,9 +26,19 @@ from typing import Any
 import pytest
 import torch
 
-from feedback.db import upgrade_to_head
-from feedback.gate import GateScores, HeldoutScore, ProbeScore, decide, is_degenerate, preference_score
-from feedback.train import (
+from feedback.store.db import upgrade_to_head
+from feedback.store.synthetic import record_colour_votes
+from feedback.training.config import GateArguments, RunArguments, TrainArguments
+from feedback.training.data import load_training_data, store_call
+from feedback.training.gate import (
+    GateScores,
+    HeldoutScore,
+    ProbeScore,
+    decide,
+    is_degenerate,
+    preference_score,
+)
+from feedback.training.job import (
     EXIT_ALREADY_RUNNING,
     EXIT_PROMOTED,
     EXIT_REJECTED,
@@ -36,20 +46,17 @@ from feedback.train import (
     build_trainer,
     run,
 )
-from feedback.train_config import GateArguments, RunArguments, TrainArguments
-from feedback.train_data import load_training_data, store_call
-from feedback.train_model import (
+from feedback.training.publish import publish_candidate
+from feedback.training.trainer import (
     NotEnoughGpuMemory,
     check_gpu_memory,
     completion_only_logprobs,
     load_for_training,
     plan_model,
 )
-from feedback.train_publish import publish_candidate
-from feedback.train_synthetic import record_colour_votes
-from feedback.trainlock import AlreadyRunning, training_lock, training_running
 from smolcord.registry import AdapterRegistry
 from smolcord.settings import Settings
+from smolcord.trainlock import AlreadyRunning, training_lock, training_running
 
 PROMPTS = 40  # 0.25 held out by prompt key: 10 held-out pairs, 30 to train on
 # Loud enough for the tiny model to learn the colours in 8 steps (the defaults suit real models); the
@@ -327,7 +334,7 @@ def test_completion_tokens_survive_collation(
 def test_too_long_examples_are_dropped_and_counted_never_cut(colour_data: tuple[Any, Any]) -> None:
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
-    from feedback.train_data import split_by_length, with_images
+    from feedback.training.data import split_by_length, with_images
 
     processor, data = colour_data
     examples = data.train + data.heldout

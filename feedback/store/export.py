@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from feedback.pairs import PreferencePair, RatedAnswer, build_pairs, build_rated_answers, is_heldout
+from feedback.store.pairs import PreferencePair, RatedAnswer, build_pairs, build_rated_answers, is_heldout
 
 if TYPE_CHECKING:
     import datasets

@@ -2,21 +2,21 @@
 One training run: the votes' preference pairs -> a LoRA candidate -> the gate -> promotion -> the worker.
 
     smolcord train [--method dpo|kto] [--dry-run] [--force] [--progress json|bar|none]
-    python -m feedback.train --method dpo --learning_rate 5e-5 --num_train_epochs 2 ...   (every field below)
+    python -m feedback.training --method dpo --learning_rate 5e-5 --num_train_epochs 2 ...   (every field below)
 
 Trains a LoRA adapter on the text model only (never the vision tower or the connector) with trl's
 DPOTrainer (KTOTrainer with --method kto, on the rated answers), from the base model every run,
 on the training split of the store's pairs; the reference is the base (the adapter disabled).
 On CUDA, bases of 1B parameters and more load in 4-bit with gradient checkpointing; on the CPU
-everything runs in float32. The candidate is scored by feedback.gate in the form the worker
+everything runs in float32. The candidate is scored by feedback.training.gate in the form the worker
 serves, written through smolcord.registry (peft format, metrics.json, report.png), promoted if
 the gate says so (or --force), recorded in the store with the pairs it used, and the worker is
-told to load it. One run at a time (feedback.trainlock); a run killed at any point leaves no
+told to load it. One run at a time (smolcord.trainlock); a run killed at any point leaves no
 half-written version, no moved `current` and no stale lock.
 
 Under `accelerate launch --num_processes N -m smolcord train` (or torchrun) the run is data-parallel:
 the main process alone locks, records, gates and publishes; every process trains on its own device
-(feedback.train_distributed has the details). Other ranks exit with the main process's early-exit
+(feedback.training.distributed has the details). Other ranks exit with the main process's early-exit
 code, or 0 after training, and print nothing on stdout.
 
 Exit codes (also the final JSON line's "exit_code"):
@@ -50,14 +50,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from feedback.train_config import GateArguments, RunArguments, TrainArguments
-from feedback.train_distributed import ranks_from_env
-from feedback.train_progress import RunOutput, describe_data, progress_callback
-from feedback.trainlock import AlreadyRunning, training_lock
+from feedback.training.config import GateArguments, RunArguments, TrainArguments
+from feedback.training.distributed import ranks_from_env
+from feedback.training.progress import RunOutput, describe_data, progress_callback
+from smolcord.trainlock import AlreadyRunning, training_lock
 
 if TYPE_CHECKING:
-    from feedback.train_data import TrainingData
-    from feedback.train_model import ModelPlan
+    from feedback.training.data import TrainingData
+    from feedback.training.trainer import ModelPlan
     from smolcord.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,8 @@ def run(
     # In JSON mode stdout is the bot's channel: anything a library prints goes to stderr instead.
     redirect = contextlib.redirect_stdout(sys.stderr) if out.mode == "json" else contextlib.nullcontext()
     ranks = ranks_from_env()
-    if ranks.distributed:  # accelerate launch / torchrun: see feedback.train_distributed
-        from feedback.train_distributed import run_distributed
+    if ranks.distributed:  # accelerate launch / torchrun: see feedback.training.distributed
+        from feedback.training.distributed import run_distributed
 
         with redirect, _sigterm_unwinds():
             return run_distributed(
@@ -106,16 +106,16 @@ def _run_locked(
 ) -> int:
     from transformers import AutoProcessor
 
-    from feedback.db import upgrade_to_head
-    from feedback.train_data import close_stale_runs, load_training_data, store_call
-    from feedback.train_model import (
+    from feedback.store.db import upgrade_to_head
+    from feedback.training.data import close_stale_runs, load_training_data, store_call
+    from feedback.training.publish import publish_candidate
+    from feedback.training.trainer import (
         NotEnoughGpuMemory,
         check_gpu_memory,
         completion_only_logprobs,
         load_for_training,
         plan_model,
     )
-    from feedback.train_publish import publish_candidate
     from smolcord.registry import AdapterRegistry
 
     _quiet_libraries()
@@ -199,8 +199,8 @@ def _run_locked(
 
 def conclude_run(settings: Settings, registry: Any, out: RunOutput, outcome: Any, *, run_id: int) -> int:
     """After publishing: record the run as succeeded, tell the worker, prune, print the verdict."""
-    from feedback.train_data import store_call
-    from feedback.train_publish import tell_worker
+    from feedback.training.data import store_call
+    from feedback.training.publish import tell_worker
 
     store_call(settings, "finish_training_run", run_id=run_id, status="succeeded",
                metrics=outcome.metrics, adapter_version=outcome.version)  # fmt: skip
@@ -235,8 +235,8 @@ def build_trainer(
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-    from feedback.export import to_dataset
-    from feedback.train_model import lora_config
+    from feedback.store.export import to_dataset
+    from feedback.training.trainer import lora_config
 
     dataset = to_dataset(
         [e.row for e in data.train], kind="pairs" if method == "dpo" else "unpaired", metadata=False
@@ -356,7 +356,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m feedback.train`: every field of the three dataclasses is a flag."""
+    """`python -m feedback.training`: every field of the three dataclasses is a flag."""
     import argparse
 
     from transformers import HfArgumentParser
@@ -365,14 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = HfArgumentParser(
         (RunArguments, TrainArguments, GateArguments),  # type: ignore[arg-type]
-        prog="python -m feedback.train",
+        prog="python -m feedback.training",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     args, hp, gate = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(get_settings(), args, hp, gate)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -153,7 +153,7 @@ def completion_only_logprobs(device: torch.device) -> Iterator[None]:
     trl (1.x) scores only the labelled positions where Triton runs and every position elsewhere, to keep
     the tile shapes of recompiling devices (Neuron) fixed. On a CPU that means projecting and
     normalising every prompt and image token for nothing: on this project's CPU benchmark a tiny-model
-    DPO step went from 0.28 to 0.17 s with the same log-probabilities (tests/test_feedback/test_train.py
+    DPO step went from 0.28 to 0.17 s with the same log-probabilities (tests/test_feedback/test_training/test_train.py
     checks they match). That module attribute decides only this (trl's kernels keep their own check);
     a trl without it changes nothing.
     """

@@ -7,12 +7,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from feedback.train_data import store_call
+from feedback.training.data import store_call
 
 if TYPE_CHECKING:
-    from feedback.gate import GateScores, GateVerdict
-    from feedback.train_config import GateArguments, TrainArguments
-    from feedback.train_data import TrainingData
+    from feedback.training.config import GateArguments, TrainArguments
+    from feedback.training.data import TrainingData
+    from feedback.training.gate import GateScores, GateVerdict
     from smolcord.registry import AdapterRegistry
     from smolcord.settings import Settings
 
@@ -52,9 +52,9 @@ def publish_candidate(
     after it, the version exists but `current` only moves in `promote`, checked against what the
     gate compared with.
     """
-    from feedback.gate import decide, score_versions
-    from feedback.train_data import with_images
-    from feedback.train_report import write_report
+    from feedback.training.data import with_images
+    from feedback.training.gate import decide, score_versions
+    from feedback.training.report import write_report
     from smolcord.registry import RegistryConflict
 
     current = registry.current()
@@ -108,7 +108,7 @@ def candidate_metrics(
     run_id: int | None,
 ) -> dict[str, Any]:
     """metrics.json of a candidate: the gate's numbers and verdict, the data's counts, the curves."""
-    from feedback.gate import finite_or_none
+    from feedback.training.gate import finite_or_none
 
     return {
         "method": method,

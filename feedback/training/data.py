@@ -87,8 +87,8 @@ class TrainingData:
 
 def load_training_data(settings: Settings, *, method: str, processor: Any, limit: int) -> TrainingData:
     """The store's pairs (and, for KTO, rated answers) now: split by prompt key, measured, filtered."""
-    from feedback.export import METADATA_COLUMNS, pair_row, rated_row
-    from feedback.pairs import is_heldout
+    from feedback.store.export import METADATA_COLUMNS, pair_row, rated_row
+    from feedback.store.pairs import is_heldout
 
     pairs, rated = asyncio.run(_from_store(settings, with_rated=method == "kto"))
     missing = 0
@@ -122,8 +122,8 @@ def load_training_data(settings: Settings, *, method: str, processor: Any, limit
 
 
 async def _from_store(settings: Settings, *, with_rated: bool) -> tuple[list[Any], list[Any]]:
-    from feedback.db import create_engine, sessionmaker
-    from feedback.pairs import build_pairs, build_rated_answers
+    from feedback.store.db import create_engine, sessionmaker
+    from feedback.store.pairs import build_pairs, build_rated_answers
 
     engine = create_engine(settings.db_url)
     try:
@@ -178,11 +178,11 @@ def split_by_length(examples: Sequence[Example], limit: int) -> tuple[list[Examp
 
 
 def store_call(settings: Settings, name: str, **kwargs: Any) -> Any:
-    """Run one feedback.service function in its own session and event loop (the job is synchronous)."""
+    """Run one feedback.store.service function in its own session and event loop (the job is synchronous)."""
     import asyncio
 
-    from feedback import service
-    from feedback.db import create_engine, sessionmaker
+    from feedback.store import service
+    from feedback.store.db import create_engine, sessionmaker
 
     async def call() -> Any:
         engine = create_engine(settings.db_url)

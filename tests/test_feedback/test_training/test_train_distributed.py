@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from feedback.db import upgrade_to_head
-from feedback.service import UnknownRun
-from feedback.train_data import store_call
-from feedback.train_synthetic import record_colour_votes
-from feedback.trainlock import training_running
+from feedback.store.db import upgrade_to_head
+from feedback.store.service import UnknownRun
+from feedback.store.synthetic import record_colour_votes
+from feedback.training.data import store_call
 from smolcord.registry import AdapterRegistry
 from smolcord.settings import Settings
+from smolcord.trainlock import training_running
 
 CLOSED_PORT_URL = "http://127.0.0.1:9"  # nothing listens: the worker is down
 
