@@ -87,11 +87,13 @@ def hand_written(template: Path, model_dir: Path, *, epochs: float, batch: int) 
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
     from feedback.training.data import load_training_data, with_images
+    from feedback.training.store import JobStore
     from feedback.training.trainer import load_for_training, lora_config, plan_model
 
     settings = _settings(template, model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
-    data = load_training_data(settings, method="dpo", processor=processor, limit=2048)
+    with JobStore(settings) as store:
+        data = load_training_data(store, settings, method="dpo", processor=processor, limit=2048)
     rows = [e.row for e in data.train]
     plan = plan_model(
         str(model_dir), device="cpu", dtype="auto", load_in_4bit="auto", gradient_checkpointing="auto",

@@ -99,6 +99,7 @@ def hand_written(settings: Any, *, batch: int, steps: int) -> dict[str, Any]:
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
     from feedback.training.data import load_training_data, with_images
+    from feedback.training.store import JobStore
     from feedback.training.trainer import load_for_training, lora_config, plan_model
 
     plan = plan_model(
@@ -106,7 +107,10 @@ def hand_written(settings: Any, *, batch: int, steps: int) -> dict[str, Any]:
         gradient_checkpointing="auto", headroom_gib=0,
     )  # fmt: skip
     processor = AutoProcessor.from_pretrained(settings.model)
-    data = load_training_data(settings, method="dpo", processor=processor, limit=plan_limit(settings.model))
+    with JobStore(settings) as store:
+        data = load_training_data(
+            store, settings, method="dpo", processor=processor, limit=plan_limit(settings.model)
+        )
     _sync(plan.device)
     if plan.device.type == "cuda":
         torch.cuda.empty_cache()

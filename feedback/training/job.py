@@ -14,10 +14,11 @@ the gate says so (or --force), recorded in the store with the pairs it used, and
 told to load it. One run at a time (smolcord.trainlock); a run killed at any point leaves no
 half-written version, no moved `current` and no stale lock.
 
-Under `accelerate launch --num_processes N -m smolcord train` (or torchrun) the run is data-parallel:
-the main process alone locks, records, gates and publishes; every process trains on its own device
-(feedback.training.distributed has the details). Other ranks exit with the main process's early-exit
-code, or 0 after training, and print nothing on stdout.
+Under `accelerate launch --num_processes N -m smolcord train` (or torchrun) the run is data-parallel,
+on the same path (nanoGPT's master_process): the main process alone locks, reads the store,
+records, gates, publishes and prints; it shares the data it loaded, so every process trains on the
+same examples on its own device (feedback.training.distributed). Other ranks exit with the main
+process's early-exit code, or 0 after training, and print nothing on stdout.
 
 Exit codes (also the final JSON line's "exit_code"):
     0  promoted, or --dry-run printed what it would train on
@@ -51,13 +52,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from feedback.training.config import GateArguments, RunArguments, TrainArguments
-from feedback.training.distributed import ranks_from_env
+from feedback.training.distributed import ProcessGroup, process_group, ranks_from_env
 from feedback.training.progress import RunOutput, describe_data, progress_callback
 from smolcord.trainlock import AlreadyRunning, training_lock
 
 if TYPE_CHECKING:
-    from feedback.training.data import TrainingData
+    from feedback.training.publish import Outcome
+    from feedback.training.store import JobStore
     from feedback.training.trainer import ModelPlan
+    from smolcord.registry import AdapterRegistry
     from smolcord.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,132 +81,190 @@ def run(
     *,
     stdout: TextIO | None = None,
 ) -> int:
-    """One training run; returns its exit code (see the module docstring)."""
-    out = RunOutput(args.progress or ("bar" if sys.stderr.isatty() else "none"), stdout or sys.stdout)
-    # In JSON mode stdout is the bot's channel: anything a library prints goes to stderr instead.
-    redirect = contextlib.redirect_stdout(sys.stderr) if out.mode == "json" else contextlib.nullcontext()
+    """One training run, this process's part of it; returns its exit code (see the module docstring)."""
     ranks = ranks_from_env()
-    if ranks.distributed:  # accelerate launch / torchrun: see feedback.training.distributed
-        from feedback.training.distributed import run_distributed
-
-        with redirect, _sigterm_unwinds():
-            return run_distributed(
-                settings, args, train or TrainArguments(), gate or GateArguments(), out, ranks
-            )
-    with redirect, _sigterm_unwinds():
+    if ranks.main:
+        out = RunOutput(args.progress or ("bar" if sys.stderr.isatty() else "none"), stdout or sys.stdout)
+    else:
+        out = RunOutput("none", sys.stderr)  # only the main process reports
+    # In JSON mode stdout is the bot's channel: anything a library prints goes to stderr instead.
+    quiet_stdout = out.mode == "json" or not ranks.main
+    redirect = contextlib.redirect_stdout(sys.stderr) if quiet_stdout else contextlib.nullcontext()
+    with redirect, _sigterm_unwinds(), process_group(settings, ranks) as group:
         try:
-            with training_lock(settings.locks_dir):
-                return _run_locked(settings, args, train or TrainArguments(), gate or GateArguments(), out)
+            if not group.main:
+                return _job(
+                    settings, args, train or TrainArguments(), gate or GateArguments(), out, group, None
+                )
+            with training_lock(settings.locks_dir), _job_store(settings) as store:
+                return _job(
+                    settings, args, train or TrainArguments(), gate or GateArguments(), out, group, store
+                )
         except AlreadyRunning as exc:
-            return out.finish(EXIT_ALREADY_RUNNING, "already-running", str(exc))
+            code = out.finish(EXIT_ALREADY_RUNNING, "already-running", str(exc))
         except Exception as exc:
-            log.exception("training run failed")
-            return out.finish(EXIT_FAILED, "failed", f"{type(exc).__name__}: {exc}")
+            log.exception("rank %d: training run failed", ranks.rank)
+            if not group.main:
+                return EXIT_FAILED
+            code = out.finish(EXIT_FAILED, "failed", f"{type(exc).__name__}: {exc}")
+        # Told to the other ranks only now that this process has reported: a launcher stops every
+        # process as soon as one exits with an error.
+        group.exit_others(code)
+        return code
 
 
-def _run_locked(
-    settings: Settings, args: RunArguments, hp: TrainArguments, gate: GateArguments, out: RunOutput
+def _job(
+    settings: Settings,
+    args: RunArguments,
+    hp: TrainArguments,
+    gate: GateArguments,
+    out: RunOutput,
+    group: ProcessGroup,
+    store: JobStore | None,
 ) -> int:
+    """The run's one sequence, on every rank; what only the main process does is under `group.main`."""
     from transformers import AutoProcessor
 
-    from feedback.store.db import upgrade_to_head
-    from feedback.training.data import close_stale_runs, load_training_data, store_call
-    from feedback.training.publish import publish_candidate
-    from feedback.training.trainer import (
-        NotEnoughGpuMemory,
-        check_gpu_memory,
-        completion_only_logprobs,
-        load_for_training,
-        plan_model,
-    )
-    from smolcord.registry import AdapterRegistry
+    from feedback.training.trainer import plan_model
 
     _quiet_libraries()
-    registry = AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade_to_head(settings.db_url)
-    close_stale_runs(settings)
-
-    ################
-    # Data
-    ################
     plan = plan_model(
-        settings.model, device=settings.device, dtype=settings.dtype, load_in_4bit=hp.load_in_4bit,
+        settings.model, device=group.device, dtype=settings.dtype, load_in_4bit=hp.load_in_4bit,
         gradient_checkpointing=hp.gradient_checkpointing, headroom_gib=hp.gpu_headroom_gib,
     )  # fmt: skip
     processor = AutoProcessor.from_pretrained(settings.model)
-    limit = hp.max_length or plan_limit(settings.model)
-    data = load_training_data(settings, method=args.method, processor=processor, limit=limit)
-    summary = data.summary()
-    if args.dry_run:
-        return out.finish(
-            EXIT_PROMOTED, "dry-run", describe_data(summary), data=summary, model=plan.describe()
-        )
-    if len(data.train) < max(hp.min_train_pairs, 2 if args.method == "kto" else 1):
-        run_id = store_call(
-            settings, "start_training_run", method=args.method, heldout_fraction=settings.heldout_fraction
-        )
-        message = f"too few examples to train on: {describe_data(summary)}; need {hp.min_train_pairs}"
-        store_call(settings, "finish_training_run", run_id=run_id, status="skipped", metrics=summary)
-        return out.finish(EXIT_TOO_FEW, "skipped", message, data=summary)
-    run_id = store_call(
-        settings, "start_training_run", method=args.method, heldout_fraction=settings.heldout_fraction,
-        examples=[e.source for e in data.train + data.heldout],
-    )  # fmt: skip
+
+    ################
+    # Data (the main process reads the store; every rank trains on what it read)
+    ################
+    decision: dict[str, Any] | None = None
+    run_id = 0
+    if store is not None:
+        run_id, decision = _load_and_decide(settings, args, hp, out, group, store, plan, processor)
+    decision = group.share(decision)
+    if decision["exit"] is not None:
+        return int(decision["exit"])
+    data = decision["data"]
+
     try:
         ################
         # Model
         ################
-        try:
-            check_gpu_memory(plan)
-        except NotEnoughGpuMemory as exc:
-            store_call(settings, "finish_training_run", run_id=run_id, status="failed", error=str(exc))
-            return out.finish(EXIT_NO_GPU_MEMORY, "no-gpu-memory", str(exc))
-        out.say(f"run {run_id}: {describe_data(summary)}; loading {plan.describe()}")
+        gpu_errors = [e for e in group.gather(_gpu_memory_error(plan, group)) if e]
+        if gpu_errors:
+            error = "; ".join(gpu_errors)
+            code = EXIT_NO_GPU_MEMORY
+            if store is not None:
+                store.finish_run(run_id=run_id, status="failed", error=error)
+                code = out.finish(EXIT_NO_GPU_MEMORY, "no-gpu-memory", error)
+            group.barrier()  # recorded and printed: now the other ranks may exit
+            return code
+        processes = f" in each of {group.world_size} processes" if group.world_size > 1 else ""
+        out.say(f"run {run_id}: {describe_data(data.summary())}; loading {plan.describe()}{processes}")
         peak_gpu_gib(plan, reset=True)
-        model = load_for_training(plan)
 
         ################
         # Training
         ################
+        from feedback.training.trainer import build_trainer, completion_only_logprobs, load_for_training
+
+        model = load_for_training(plan)  # trl wraps it in DDP when there are several processes
         with _scratch_dir(settings.runs_dir) as scratch:
-            trainer = build_trainer(
-                args.method, model, processor, data, plan, hp, scratch, [progress_callback(out)]
-            )
+            callbacks = [progress_callback(out)] if group.main else []
+            trainer = build_trainer(args.method, model, processor, data, plan, hp, scratch, callbacks)
             started = time.perf_counter()
             with completion_only_logprobs(plan.device):
                 result = trainer.train()
+        seconds = round(time.perf_counter() - started, 2)
+        del model
+        group.barrier()  # every rank has trained; the rest is the main process's alone
+        if store is None:
+            log.info("rank %d: trained; the main process gates and publishes", group.ranks.rank)
+            return 0
         history = compact_history(trainer.state.log_history)
         trained = {
-            "examples": len(data.train), "steps": len(history), "seconds": round(time.perf_counter() - started, 2),
+            "examples": len(data.train), "steps": len(history), "seconds": seconds,
             "examples_per_s": round(result.metrics.get("train_samples_per_second", 0.0), 3),
             "final_loss": history[-1].get("loss") if history else None, "peak_gpu_gib": peak_gpu_gib(plan),
+            "processes": group.world_size,
         }  # fmt: skip
-        held = {"model": trainer.model}  # the only reference left once the trainer is gone
-        del trainer, model
+        held = {"model": trainer.model}  # unwrapped: the only reference left once the trainer is gone
+        del trainer
 
         ################
         # Gate and publish
         ################
+        from feedback.training.publish import publish_candidate
+        from smolcord.registry import AdapterRegistry
+
+        registry = AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir)
         outcome = publish_candidate(
-            settings, registry, save=lambda path: held["model"].save_pretrained(path), processor=processor,
-            data=data, method=args.method, hp=hp, gate=gate, force=args.force, history=history, trained=trained,
-            run_id=run_id, release=lambda: _release(held, plan),
+            settings, registry, store, save=lambda path: held["model"].save_pretrained(path),
+            processor=processor, data=data, method=args.method, hp=hp, gate=gate, force=args.force,
+            history=history, trained=trained, run_id=run_id, release=lambda: _release(held, plan),
         )  # fmt: skip
     except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        store_call(settings, "finish_training_run", run_id=run_id, status="failed", error=error)
+        if store is not None:
+            store.finish_run(run_id=run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    return conclude_run(settings, registry, out, outcome, run_id=run_id)
+    return conclude_run(settings, registry, store, out, outcome, run_id=run_id)
 
 
-def conclude_run(settings: Settings, registry: Any, out: RunOutput, outcome: Any, *, run_id: int) -> int:
+def _load_and_decide(
+    settings: Settings,
+    args: RunArguments,
+    hp: TrainArguments,
+    out: RunOutput,
+    group: ProcessGroup,
+    store: JobStore,
+    plan: ModelPlan,
+    processor: Any,
+) -> tuple[int, dict[str, Any]]:
+    """The main process: the store's examples, and whether the run stops here (dry run, too few)."""
+    from feedback.store.db import upgrade_to_head
+    from feedback.training.data import load_training_data
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_to_head(settings.db_url)
+    store.close_stale_runs()
+    limit = hp.max_length or plan_limit(settings.model)
+    data = load_training_data(store, settings, method=args.method, processor=processor, limit=limit)
+    summary = data.summary()
+    if args.dry_run:
+        processes = {"processes": group.world_size} if group.world_size > 1 else {}
+        code = out.finish(
+            EXIT_PROMOTED, "dry-run", describe_data(summary), data=summary, model=plan.describe(), **processes
+        )
+        return 0, {"exit": code}
+    if len(data.train) < max(hp.min_train_pairs, 2 if args.method == "kto" else 1):
+        run_id = store.start_run(method=args.method, heldout_fraction=settings.heldout_fraction)
+        message = f"too few examples to train on: {describe_data(summary)}; need {hp.min_train_pairs}"
+        store.finish_run(run_id=run_id, status="skipped", metrics=summary)
+        return run_id, {"exit": out.finish(EXIT_TOO_FEW, "skipped", message, data=summary)}
+    run_id = store.start_run(
+        method=args.method, heldout_fraction=settings.heldout_fraction,
+        examples=[e.source for e in data.train + data.heldout],
+    )  # fmt: skip
+    for stale in settings.runs_dir.glob(".tmp-train-*"):  # killed runs' leftovers (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    return run_id, {"exit": None, "data": data}
+
+
+def conclude_run(
+    settings: Settings,
+    registry: AdapterRegistry,
+    store: JobStore,
+    out: RunOutput,
+    outcome: Outcome,
+    *,
+    run_id: int,
+) -> int:
     """After publishing: record the run as succeeded, tell the worker, prune, print the verdict."""
-    from feedback.training.data import store_call
     from feedback.training.publish import tell_worker
 
-    store_call(settings, "finish_training_run", run_id=run_id, status="succeeded",
-               metrics=outcome.metrics, adapter_version=outcome.version)  # fmt: skip
+    store.finish_run(
+        run_id=run_id, status="succeeded", metrics=outcome.metrics, adapter_version=outcome.version
+    )
     worker = (
         tell_worker(settings, registry.current()) if outcome.promoted else "not told: nothing new to serve"
     )
@@ -216,62 +277,6 @@ def conclude_run(settings: Settings, registry: Any, out: RunOutput, outcome: Any
         current_accuracy=outcome.metrics["current"].get("heldout_accuracy"), worker=worker, pruned=removed,
         run_id=run_id,
     )  # fmt: skip
-
-
-# ------------------------------------------------------------------------------ training
-
-
-def build_trainer(
-    method: str,
-    model: Any,
-    processor: Any,
-    data: TrainingData,
-    plan: ModelPlan,
-    hp: TrainArguments,
-    output_dir: Path,
-    callbacks: Sequence[Any] = (),
-) -> Any:
-    """trl's DPOTrainer (or KTOTrainer) with a fresh LoRA on the text model; the reference is the base."""
-    from transformers import PrinterCallback
-    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
-
-    from feedback.store.export import to_dataset
-    from feedback.training.trainer import lora_config
-
-    dataset = to_dataset(
-        [e.row for e in data.train], kind="pairs" if method == "dpo" else "unpaired", metadata=False
-    )
-    common: dict[str, Any] = dict(
-        output_dir=str(output_dir), learning_rate=hp.learning_rate, num_train_epochs=hp.num_train_epochs,
-        max_steps=hp.max_steps, per_device_train_batch_size=hp.per_device_train_batch_size,
-        gradient_accumulation_steps=hp.gradient_accumulation_steps, beta=hp.beta, seed=hp.seed,
-        max_length=data.max_length,  # the longest kept example: trl's truncation never cuts anything
-        gradient_checkpointing=plan.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
-        bf16=plan.device.type == "cuda", use_cpu=plan.device.type == "cpu", logging_steps=1,
-        save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )  # fmt: skip
-    config: Any
-    trainer_class: Any
-    if method == "dpo":
-        losses: dict[str, Any] = {}
-        if hp.sft_weight:  # RPO: DPO's loss plus an NLL term on the chosen answers
-            losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, hp.sft_weight]}
-        config, trainer_class = DPOConfig(**common, **losses), DPOTrainer
-    else:
-        # KTO samples in order (its KL term pairs neighbours): shuffle once, seeded; weigh 👍 and 👎 alike.
-        dataset = dataset.shuffle(seed=hp.seed)
-        liked = sum(bool(e.row["label"]) for e in data.train)
-        disliked = len(data.train) - liked
-        weight = liked / disliked if liked and disliked else 1.0
-        config, trainer_class = KTOConfig(**common, undesirable_weight=weight), KTOTrainer
-    trainer = trainer_class(
-        model=model, args=config, train_dataset=dataset, processing_class=processor,
-        peft_config=lora_config(plan, r=hp.lora_r, alpha=hp.lora_alpha), callbacks=list(callbacks),
-    )  # fmt: skip
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
-    return trainer
 
 
 def compact_history(log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -318,12 +323,29 @@ def _release(held: dict[str, Any], plan: ModelPlan) -> None:
 
 
 @contextlib.contextmanager
+def _job_store(settings: Settings) -> Iterator[JobStore]:
+    from feedback.training.store import JobStore
+
+    with JobStore(settings) as store:
+        yield store
+
+
+def _gpu_memory_error(plan: ModelPlan, group: ProcessGroup) -> str | None:
+    """This rank's refusal to load on a GPU without enough free memory (None off CUDA)."""
+    from feedback.training.trainer import NotEnoughGpuMemory, check_gpu_memory
+
+    try:
+        check_gpu_memory(plan)
+    except NotEnoughGpuMemory as exc:
+        return f"rank {group.ranks.rank}: {exc}" if group.world_size > 1 else str(exc)
+    return None
+
+
+@contextlib.contextmanager
 def _scratch_dir(runs_dir: Path) -> Iterator[Path]:
-    """The trainer's output_dir: a temporary folder under runs/ (leftovers of killed runs removed first;
-    we hold the training lock, so none is in use)."""
+    """This rank's trainer output_dir: a temporary folder under runs/ (the main process removed
+    killed runs' leftovers while holding the lock)."""
     runs_dir.mkdir(parents=True, exist_ok=True)
-    for stale in runs_dir.glob(".tmp-train-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     folder = Path(tempfile.mkdtemp(prefix=".tmp-train-", dir=runs_dir))
     try:
         yield folder

@@ -7,12 +7,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from feedback.training.data import store_call
-
 if TYPE_CHECKING:
     from feedback.training.config import GateArguments, TrainArguments
     from feedback.training.data import TrainingData
     from feedback.training.gate import GateScores, GateVerdict
+    from feedback.training.store import JobStore
     from smolcord.registry import AdapterRegistry
     from smolcord.settings import Settings
 
@@ -33,6 +32,7 @@ class Outcome:
 def publish_candidate(
     settings: Settings,
     registry: AdapterRegistry,
+    store: JobStore,
     *,
     save: Callable[[Path], Any],
     processor: Any,
@@ -92,7 +92,7 @@ def publish_candidate(
         except RegistryConflict as exc:
             metrics = registry.mark(version, status="rejected", reason=str(exc))
             promoted, message = False, f"{version}: {exc}"
-    _record_adapter(settings, version, run_id, metrics, promoted)
+    store.record_adapter(version=version, run_id=run_id, metrics=metrics, promoted=promoted)
     return Outcome(version, promoted, message, metrics, registry.path(version) / report.name)
 
 
@@ -156,13 +156,6 @@ def tell_worker(settings: Settings, version: str | None) -> str:
         return f"the worker is not running: it serves {version or 'the base model'} when it starts"
     except WorkerError as exc:
         return f"the worker did not load {version or 'the base model'} ({exc}); it will when it restarts"
-
-
-def _record_adapter(
-    settings: Settings, version: str, run_id: int | None, metrics: dict[str, Any], promoted: bool
-) -> None:
-    store_call(settings, "record_adapter", version=version, run_id=run_id, metrics=metrics)
-    store_call(settings, "promote_adapter" if promoted else "reject_adapter", version=version)
 
 
 def _heldout_for_report(scores: GateScores) -> dict[str, dict[str, Any]]:
