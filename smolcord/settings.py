@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -99,7 +99,13 @@ class Settings(BaseSettings):
     heldout_fraction: float = Field(default=0.2, gt=0, lt=1)
     gate_min_heldout: int = Field(default=16, ge=0)
     gate_margin: float = 0.05
+    # The gate's one-sided sign test must reject "no better than current" at this confidence.
+    gate_confidence: float = Field(default=0.95, ge=0.0, lt=1.0)
     keep_versions: int = Field(default=5, ge=1)
+    # The training job: the nightly run's method, and flags of `python -m feedback.training --help`
+    # (e.g. "--learning_rate 1e-4 --num_train_epochs 4") that every run takes before its own.
+    train_method: Literal["dpo", "kto"] = "dpo"
+    train_args: str = ""
 
     @field_validator("max_image_bytes", "max_image_pixels", mode="before")
     @classmethod

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["GateArguments", "RunArguments", "TrainArguments"]
+if TYPE_CHECKING:
+    from smolcord.settings import Settings
+
+__all__ = ["GateArguments", "RunArguments", "TrainArguments", "argument_parser", "parse_arguments"]
 
 
 @dataclass
@@ -132,3 +138,36 @@ class GateArguments:
         default=1e-6,
         metadata={"help": "Reward gaps at most this large count as ties (half a win)."},
     )
+
+
+def argument_parser(prog: str = "python -m feedback.training", description: str | None = None) -> Any:
+    """transformers' HfArgumentParser over the three groups: every field is a flag."""
+    import argparse
+
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(
+        (RunArguments, TrainArguments, GateArguments),  # type: ignore[arg-type]
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def parse_arguments(
+    settings: Settings, argv: Sequence[str] | None = (), **parser_options: Any
+) -> tuple[RunArguments, TrainArguments, GateArguments]:
+    """The job's arguments: the defaults above, then the settings (SMOLCORD_TRAIN_METHOD and the flags
+    in SMOLCORD_TRAIN_ARGS), then `argv` (None: the command line); a later flag wins."""
+    import sys
+
+    parser = argument_parser(**parser_options)
+    parser.set_defaults(method=settings.train_method)
+    own = list(sys.argv[1:] if argv is None else argv)
+    try:
+        run, train, gate = parser.parse_args_into_dataclasses(args=[*shlex.split(settings.train_args), *own])
+    except ValueError as exc:  # unknown flags: a usage error (exit 2), naming where flags come from
+        parser.error(
+            f"{exc} (flags come from SMOLCORD_TRAIN_ARGS={settings.train_args!r} and the command line)"
+        )
+    return run, train, gate

@@ -9,6 +9,12 @@ into its weights by `model.adapters.MergedAdapters`, the worker's own code.
   reward with the base as reference. Preference accuracy is the share of held-out pairs whose
   chosen answer gets the higher reward, ties counted as half; the margin is the mean reward gap.
   The base against itself scores 0.5 with margin 0: all ties.
+- The decision is a one-sided sign test, not a bare point estimate: on each held-out pair the
+  candidate is better than current (it ranks the pair right and current does not, or current
+  ties), worse, or the same. With W pairs better and L worse, p = P(X >= W) for X ~ Binomial(W + L,
+  1/2): how likely a candidate no better than current would look this good. The candidate is
+  promoted only when p <= 1 - SMOLCORD_GATE_CONFIDENCE (0.95 by default: a coin-flip candidate
+  passes at most 5% of the time) AND its accuracy beats current's by SMOLCORD_GATE_MARGIN.
 - Probes: greedy answers to a few held-out questions. A candidate whose answers are empty or
   degenerate (looping) more often than current's is refused, however well it ranks the pairs.
 """
@@ -33,6 +39,7 @@ __all__ = [
     "is_degenerate",
     "preference_score",
     "score_versions",
+    "sign_test",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,7 @@ class HeldoutScore:
     accuracy: float | None  # None without pairs
     mean_margin: float | None
     margins: list[float] = field(default_factory=list, repr=False)
+    outcomes: list[float] = field(default_factory=list, repr=False)  # per pair: 1 right, 0.5 tie, 0 wrong
 
 
 @dataclass
@@ -81,6 +89,9 @@ class GateVerdict:
     promote: bool
     reasons: list[str]
     forced: bool = False
+    better: int | None = None  # held-out pairs the candidate ranks better than current
+    worse: int | None = None  # ... and worse
+    p_value: float | None = None  # one-sided sign test of better against worse
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,8 +117,24 @@ def preference_score(
         raise ValueError("non-finite log-probabilities on the held-out pairs")
     wins = (margins > tie_tolerance).double()
     ties = (margins.abs() <= tie_tolerance).double()
-    accuracy = float((wins + 0.5 * ties).mean())
-    return HeldoutScore(pairs, accuracy, float(margins.mean()), [float(m) for m in margins])
+    outcomes = wins + 0.5 * ties
+    accuracy = float(outcomes.mean())
+    return HeldoutScore(
+        pairs, accuracy, float(margins.mean()), [float(m) for m in margins], [float(o) for o in outcomes]
+    )
+
+
+def sign_test(candidate: Sequence[float], current: Sequence[float]) -> tuple[int, int, float]:
+    """(better, worse, p): pairs where the candidate's outcome beats current's and the reverse, and the
+    one-sided p-value P(X >= better), X ~ Binomial(better + worse, 1/2); pairs with equal outcomes
+    carry no information about which is better and are left out (the sign test's rule)."""
+    if len(candidate) != len(current):
+        raise ValueError(f"{len(candidate)} candidate outcomes against {len(current)} of current")
+    better = sum(c > k for c, k in zip(candidate, current, strict=True))
+    worse = sum(c < k for c, k in zip(candidate, current, strict=True))
+    n = better + worse
+    p = sum(math.comb(n, i) for i in range(better, n + 1)) / 2**n if n else 1.0
+    return better, worse, p
 
 
 def is_degenerate(token_ids: Sequence[int], text: str) -> bool:
@@ -120,13 +147,18 @@ def is_degenerate(token_ids: Sequence[int], text: str) -> bool:
     return 1 - len(set(grams)) / len(grams) > DEGENERATE_REPEAT_SHARE
 
 
-def decide(scores: GateScores, *, min_heldout: int, margin: float, force: bool = False) -> GateVerdict:
-    """Promote only with enough held-out pairs, accuracy above current's by `margin`, and sane probes."""
+def decide(
+    scores: GateScores, *, min_heldout: int, margin: float, confidence: float = 0.95, force: bool = False
+) -> GateVerdict:
+    """Promote only with enough held-out pairs, an accuracy gain of at least `margin` that a one-sided
+    sign test finds significant at `confidence`, and probes no worse than current's."""
     if scores.error:  # integrity, not judgement: --force does not override it
         return GateVerdict(False, [f"candidate refused: {scores.error}"], forced=False)
     reasons = []
     candidate, current = scores.candidate, scores.current
     against = scores.current_version or "the base model"
+    better = worse = None
+    p_value = None
     if candidate.pairs < min_heldout:
         reasons.append(
             f"only {candidate.pairs} held-out pairs; the gate needs at least {min_heldout} "
@@ -134,24 +166,40 @@ def decide(scores: GateScores, *, min_heldout: int, margin: float, force: bool =
         )
     elif candidate.accuracy is None or current.accuracy is None:
         reasons.append("no held-out accuracy to compare")
-    elif candidate.accuracy < current.accuracy + margin - 1e-12:
-        reasons.append(
-            f"held-out accuracy {candidate.accuracy:.3f} is not above {against}'s {current.accuracy:.3f} "
-            f"by {margin:g} (SMOLCORD_GATE_MARGIN)"
+    else:
+        better, worse, p_value = sign_test(candidate.outcomes, current.outcomes)
+        evidence = (
+            f"better on {better} held-out pairs, worse on {worse}: one-sided sign test p = {p_value:.3g}"
         )
+        if candidate.accuracy < current.accuracy + margin - 1e-12:
+            reasons.append(
+                f"held-out accuracy {candidate.accuracy:.3f} is not above {against}'s "
+                f"{current.accuracy:.3f} by {margin:g} (SMOLCORD_GATE_MARGIN)"
+            )
+        elif p_value > 1 - confidence + 1e-12:
+            reasons.append(
+                f"held-out accuracy {candidate.accuracy:.3f} against {against}'s {current.accuracy:.3f} "
+                f"could be chance ({evidence}, needs <= {1 - confidence:.3g} at "
+                f"{confidence:.0%} confidence, SMOLCORD_GATE_CONFIDENCE)"
+            )
     if scores.candidate_probes.degenerate > scores.current_probes.degenerate:
         reasons.append(
             f"{scores.candidate_probes.degenerate} of {scores.candidate_probes.probes} probe answers are "
             f"empty or degenerate, against {scores.current_probes.degenerate} for {against}"
         )
     if not reasons:
+        assert candidate.accuracy is not None and current.accuracy is not None
         return GateVerdict(
             True,
-            [f"held-out accuracy {candidate.accuracy:.3f} beats {against}'s {current.accuracy:.3f}"],
-        )
+            [
+                f"held-out accuracy {candidate.accuracy:.3f} beats {against}'s {current.accuracy:.3f} "
+                f"(better on {better} pairs, worse on {worse}: one-sided sign test p = {p_value:.3g})"
+            ],
+            better=better, worse=worse, p_value=p_value,
+        )  # fmt: skip
     if force:
-        return GateVerdict(True, [*reasons, "promoted anyway (--force)"], forced=True)
-    return GateVerdict(False, reasons)
+        reasons.append("promoted anyway (--force)")
+    return GateVerdict(force, reasons, forced=force, better=better, worse=worse, p_value=p_value)
 
 
 # ------------------------------------------------------------------------------ scoring

@@ -81,7 +81,14 @@ def run(
     *,
     stdout: TextIO | None = None,
 ) -> int:
-    """One training run, this process's part of it; returns its exit code (see the module docstring)."""
+    """One training run, this process's part of it; returns its exit code (see the module docstring).
+
+    `train` and `gate` left out come from the settings (SMOLCORD_TRAIN_ARGS) over the defaults."""
+    if train is None or gate is None:
+        from feedback.training.config import parse_arguments
+
+        _, from_settings, gate_from_settings = parse_arguments(settings)
+        train, gate = train or from_settings, gate or gate_from_settings
     ranks = ranks_from_env()
     if ranks.main:
         out = RunOutput(args.progress or ("bar" if sys.stderr.isatty() else "none"), stdout or sys.stdout)
@@ -93,13 +100,9 @@ def run(
     with redirect, _sigterm_unwinds(), process_group(settings, ranks) as group:
         try:
             if not group.main:
-                return _job(
-                    settings, args, train or TrainArguments(), gate or GateArguments(), out, group, None
-                )
+                return _job(settings, args, train, gate, out, group, None)
             with training_lock(settings.locks_dir), _job_store(settings) as store:
-                return _job(
-                    settings, args, train or TrainArguments(), gate or GateArguments(), out, group, store
-                )
+                return _job(settings, args, train, gate, out, group, store)
         except AlreadyRunning as exc:
             code = out.finish(EXIT_ALREADY_RUNNING, "already-running", str(exc))
         except Exception as exc:
@@ -379,18 +382,10 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m feedback.training`: every field of the three dataclasses is a flag."""
-    import argparse
-
-    from transformers import HfArgumentParser
-
+    from feedback.training.config import parse_arguments
     from smolcord.settings import get_settings
 
-    parser = HfArgumentParser(
-        (RunArguments, TrainArguments, GateArguments),  # type: ignore[arg-type]
-        prog="python -m feedback.training",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    args, hp, gate = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    settings = get_settings()
+    args, hp, gate = parse_arguments(settings, argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(get_settings(), args, hp, gate)
+    return run(settings, args, hp, gate)

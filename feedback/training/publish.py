@@ -71,8 +71,9 @@ def publish_candidate(
             tie_tolerance=gate.tie_tolerance,
         )  # fmt: skip
         verdict = decide(
-            scores, min_heldout=settings.gate_min_heldout, margin=settings.gate_margin, force=force
-        )
+            scores, min_heldout=settings.gate_min_heldout, margin=settings.gate_margin,
+            confidence=settings.gate_confidence, force=force,
+        )  # fmt: skip
         staged.metrics.update(
             candidate_metrics(settings, method, data, hp, scores, verdict, history, trained or {}, run_id)
         )
@@ -128,6 +129,7 @@ def candidate_metrics(
             "error": scores.error,
             "min_heldout": settings.gate_min_heldout,
             "margin": settings.gate_margin,
+            "confidence": settings.gate_confidence,
         },
         "data": data.summary(),
         "train": trained,

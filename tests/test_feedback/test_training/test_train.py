@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -37,6 +38,7 @@ from feedback.training.gate import (
     decide,
     is_degenerate,
     preference_score,
+    sign_test,
 )
 from feedback.training.job import (
     EXIT_ALREADY_RUNNING,
@@ -477,27 +479,62 @@ def test_killed_while_publishing_leaves_no_version_and_current_unmoved(
     assert [p.name for p in settings.adapters_dir.iterdir() if p.name.startswith(".tmp-")] == []
 
 
-def test_gate_decisions() -> None:
-    def scores(
-        candidate: float | None, current: float | None, pairs: int = 20, bad_probes: int = 0
-    ) -> GateScores:
-        return GateScores(
-            HeldoutScore(pairs, candidate, 0.1),
-            HeldoutScore(pairs, current, 0.0),
-            ProbeScore(4, 0, bad_probes, 10.0),
-            ProbeScore(4, 0, 0, 10.0),
-            current_version="v3",
-        )
+def gate_scores(
+    candidate: list[float], current: list[float], *, bad_probes: int = 0, version: str | None = "v3"
+) -> GateScores:
+    """GateScores from per-pair outcomes (1 right, 0.5 tie, 0 wrong) of the candidate and current."""
 
-    assert decide(scores(0.80, 0.70), min_heldout=16, margin=0.05).promote
-    assert decide(scores(0.75, 0.70), min_heldout=16, margin=0.05).promote  # exactly the margin
-    assert not decide(scores(0.74, 0.70), min_heldout=16, margin=0.05).promote
-    assert not decide(scores(0.90, 0.70, pairs=10), min_heldout=16, margin=0.05).promote
-    assert decide(scores(0.90, 0.70, pairs=10), min_heldout=16, margin=0.05, force=True).forced
-    degenerate = decide(scores(0.90, 0.70, bad_probes=1), min_heldout=16, margin=0.05)
+    def held(outcomes: list[float]) -> HeldoutScore:
+        accuracy = sum(outcomes) / len(outcomes) if outcomes else None
+        return HeldoutScore(len(outcomes), accuracy, 0.1, outcomes=outcomes)
+
+    return GateScores(
+        held(candidate), held(current), ProbeScore(4, 0, bad_probes, 10.0), ProbeScore(4, 0, 0, 10.0), version
+    )
+
+
+def test_the_sign_test_is_exact() -> None:
+    assert sign_test([1.0] * 12 + [0.0] * 4, [0.5] * 16) == (12, 4, 2517 / 65536)
+    assert sign_test([1.0, 0.5, 0.0], [1.0, 0.5, 0.0]) == (0, 0, 1.0)  # no informative pair
+    assert sign_test([1.0, 1.0, 0.0], [0.0, 1.0, 1.0]) == (1, 1, 0.75)
+
+
+def test_gate_decisions() -> None:
+    base = [0.5] * 20  # the base scores every pair as a tie
+    clear = gate_scores([1.0] * 18 + [0.0] * 2, base, version=None)
+    verdict = decide(clear, min_heldout=16, margin=0.05)
+    assert verdict.promote and (verdict.better, verdict.worse) == (18, 2) and verdict.p_value < 0.001
+    # Four pairs better and none worse: a 0.2 accuracy gain, but 4 coin flips land so 1 time in 16.
+    current = [1.0] * 12 + [0.0] * 8
+    small = decide(gate_scores([1.0] * 16 + [0.0] * 4, current), min_heldout=16, margin=0.05)
+    assert not small.promote and "could be chance" in small.reasons[0] and small.p_value == 1 / 16
+    assert decide(
+        gate_scores([1.0] * 16 + [0.0] * 4, current), min_heldout=16, margin=0.05, confidence=0.9
+    ).promote
+    # Significant, but the gain is below the margin.
+    slim = decide(gate_scores([1.0] * 18 + [0.0] * 2, [0.5] * 20), min_heldout=16, margin=0.5)
+    assert not slim.promote and "SMOLCORD_GATE_MARGIN" in slim.reasons[0]
+    too_few = gate_scores([1.0] * 10, [0.0] * 10)
+    assert not decide(too_few, min_heldout=16, margin=0.05).promote
+    assert decide(too_few, min_heldout=16, margin=0.05, force=True).forced
+    degenerate = decide(gate_scores([1.0] * 20, base, bad_probes=1), min_heldout=16, margin=0.05)
     assert not degenerate.promote and "degenerate" in degenerate.reasons[0]
-    corrupt = replace(scores(0.9, 0.7), error="unreadable")
+    corrupt = replace(clear, error="unreadable")
     assert not decide(corrupt, min_heldout=0, margin=0, force=True).promote
+
+
+@pytest.mark.parametrize("pairs", [16, 20, 32, 64])
+def test_a_coin_flip_candidate_is_promoted_at_most_five_percent_of_the_time(pairs: int) -> None:
+    """Exactly, over every outcome of a candidate no better than the base: P(promote) <= 1 - 0.95."""
+    promoted = 0.0
+    for right in range(pairs + 1):
+        outcomes = [1.0] * right + [0.0] * (pairs - right)
+        if decide(gate_scores(outcomes, [0.5] * pairs, version=None), min_heldout=16, margin=0.05).promote:
+            promoted += math.comb(pairs, right) / 2**pairs
+    assert 0 < promoted <= 0.05
+    # The point estimate alone (accuracy above the base's by the margin) would promote far more often.
+    by_margin = sum(math.comb(pairs, r) for r in range(pairs + 1) if r / pairs >= 0.55) / 2**pairs
+    assert by_margin > 0.15
 
 
 def test_preference_accuracy_counts_ties_as_half() -> None:
