@@ -337,14 +337,16 @@ async def test_unknown_route_and_method_are_json_errors(worker: TestClient) -> N
 
 
 async def _start_long_stream(worker: TestClient, ask: Ask, question: str = "hello") -> ClientResponse:
-    """A streamed answer of 400 tokens (seconds on a CPU); returns once its first bytes arrived."""
+    """A streamed answer of 400 tokens (4 s and more with slow_decoding); returns once its first bytes arrived."""
     response = await worker.post(CHAT, json=ask(question, max_tokens=400, stream=True))
     assert response.status == 200
     await response.content.readline()
     return response
 
 
-async def test_health_answers_while_a_long_generate_runs(worker: TestClient, ask: Ask) -> None:
+async def test_health_answers_while_a_long_generate_runs(
+    worker: TestClient, ask: Ask, slow_decoding: None
+) -> None:
     long = await _start_long_stream(worker, ask)
     started = time.monotonic()
     health = await (await worker.get("/health")).json()
@@ -354,7 +356,7 @@ async def test_health_answers_while_a_long_generate_runs(worker: TestClient, ask
     long.close()
 
 
-async def test_queue_full_is_429_with_retry_after(make_worker: Any, ask: Ask) -> None:
+async def test_queue_full_is_429_with_retry_after(make_worker: Any, ask: Ask, slow_decoding: None) -> None:
     worker = await make_worker(max_queue=1, max_batch=1)
     long = await _start_long_stream(worker, ask)
     queued = asyncio.create_task(answer(worker, ask("one", max_tokens=2)))
@@ -377,7 +379,9 @@ async def test_queue_full_is_429_with_retry_after(make_worker: Any, ask: Ask) ->
     )
 
 
-async def test_requests_past_the_deadline_get_504_queued_or_generating(make_worker: Any, ask: Ask) -> None:
+async def test_requests_past_the_deadline_get_504_queued_or_generating(
+    make_worker: Any, ask: Ask, slow_decoding: None
+) -> None:
     worker = await make_worker(request_timeout_s=0.6, max_batch=1)
     started = time.monotonic()
     generating, queued = await asyncio.gather(
@@ -395,7 +399,9 @@ async def test_requests_past_the_deadline_get_504_queued_or_generating(make_work
     assert (await answer(worker, ask("hello", max_tokens=2)))["usage"]["completion_tokens"] == 2
 
 
-async def test_a_stream_past_its_deadline_ends_with_an_error_event(make_worker: Any, ask: Ask) -> None:
+async def test_a_stream_past_its_deadline_ends_with_an_error_event(
+    make_worker: Any, ask: Ask, slow_decoding: None
+) -> None:
     worker = await make_worker(request_timeout_s=1.0)
     response = await worker.post(CHAT, json=ask("hello", max_tokens=400, stream=True))
     assert response.status == 200
@@ -406,7 +412,9 @@ async def test_a_stream_past_its_deadline_ends_with_an_error_event(make_worker: 
     assert metric(text, 'smolcord_requests_total{route="/v1/chat/completions",status="504"}') == 1
 
 
-async def test_client_leaving_mid_stream_cancels_only_its_row(make_worker: Any, ask: Ask) -> None:
+async def test_client_leaving_mid_stream_cancels_only_its_row(
+    make_worker: Any, ask: Ask, slow_decoding: None
+) -> None:
     worker = await make_worker(batch_wait_ms=300)
     leaving, *staying = await asyncio.gather(
         worker.post(CHAT, json=ask("hello", max_tokens=400, stream=True)),
