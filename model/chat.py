@@ -185,7 +185,7 @@ def _messages(messages: Any) -> tuple[list[dict[str, Any]], list[str], set[int]]
         if not isinstance(message, dict):
             raise _bad(f"{where} must be an object.", "invalid_messages")
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:  # a list would not even hash
             raise _bad(f"{where}.role must be system, user or assistant.", "invalid_messages")
         content = message.get("content")
         parts: list[dict[str, Any]] = []

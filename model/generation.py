@@ -308,6 +308,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     sorted_probs, order = probs.sort(descending=True)
     # Keep the smallest prefix whose mass reaches top_p (always at least the most likely token).
     outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    outside[0] = False  # a top_p below float32's smallest number compares as 0 and would drop it too
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
 
