@@ -89,7 +89,8 @@ def test_metrics(registry: AdapterRegistry):
 
 
 @pytest.mark.parametrize(
-    "name", ["../v1", "v1/../../etc", "/etc", "v0", "v01", "v1/", "current", "", "V1", "v1\x00", "v1\n", ".tmp-1-2"]
+    "name",
+    ["../v1", "v1/../../etc", "/etc", "v0", "v01", "v1/", "current", "", "V1", "v1\x00", "v1\n", ".tmp-1-2"],
 )
 def test_invalid_names_refused(registry: AdapterRegistry, name: str):
     add_version(registry)
