@@ -180,6 +180,7 @@ def test_worker_command_runs_the_app_where_told(monkeypatch: pytest.MonkeyPatch,
 
     seen: dict[str, Any] = {}
     monkeypatch.setenv("SMOLCORD_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SMOLCORD_WORKER_TOKEN", "s3cret")  # beyond loopback, a worker needs one
     monkeypatch.setattr(model.app, "init_app", lambda settings: seen.setdefault("settings", settings))
     monkeypatch.setattr(web, "run_app", lambda app, **kwargs: seen.update(app=app, **kwargs))
     assert main(["worker", "--model", "some/model", "--host", "0.0.0.0", "--port", "9999"]) == 0
