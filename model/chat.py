@@ -21,9 +21,10 @@ __all__ = ["ChatRequest", "EncodedChat", "encode_chat", "parse_chat_request"]
 log = logging.getLogger(__name__)
 
 _ROLES = {"system", "user", "assistant", "developer"}
-# OpenAI's limit on `stop` strings; and a bound on each, since text that could begin one is held back.
+# OpenAI's limit on `stop` strings; and a bound on each: the text that could begin one is held back and
+# re-scanned every token (an adversarial 256-character stop costs ~0.1 ms a token per row, 1024 ~0.4 ms).
 _MAX_STOPS = 4
-_MAX_STOP_CHARS = 1024
+_MAX_STOP_CHARS = 256
 # A seed becomes a torch.Generator seed: the range of a 64-bit signed integer (vLLM's, too).
 _SEED_RANGE = (-(2**63), 2**63 - 1)
 # Below this a temperature is greedy (vLLM's rule): dividing logits by less only overflows.

@@ -279,10 +279,12 @@ class Row:
 def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
     """The length of the longest end of `text` that is the beginning of a stop string (0: none)."""
     longest = max(len(stop) for stop in stops) - 1
+    firsts = {stop[0] for stop in stops}
     for start in range(max(0, len(text) - longest), len(text)):
-        tail = text[start:]
-        if any(stop.startswith(tail) for stop in stops):
-            return len(tail)
+        if text[start] in firsts:  # cheap filter: most positions cannot begin any stop string
+            tail = text[start:]
+            if any(stop.startswith(tail) for stop in stops):
+                return len(tail)
     return 0
 
 
