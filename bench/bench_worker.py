@@ -20,6 +20,7 @@ import asyncio
 import base64
 import io
 import json
+import secrets
 import statistics
 import tempfile
 import time
@@ -108,6 +109,18 @@ async def listening_worker(settings: Settings, engine: Engine) -> AsyncIterator[
         await runner.cleanup()
 
 
+def client_session(settings: Settings, **options: Any) -> aiohttp.ClientSession:
+    """A session that sends the worker's token, as every client of a worker that has one must."""
+    token = settings.worker_token
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+    return aiohttp.ClientSession(headers=headers, **options)
+
+
+def bench_token() -> str:
+    """The benchmarks' workers require a token, as an exposed worker would: its check is part of what is measured."""
+    return secrets.token_urlsafe(16)
+
+
 async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
     async with session.post(f"{url}/v1/chat/completions", json=body) as response:
         data = await response.json()
@@ -174,7 +187,10 @@ async def measure(
     bodies = [chat_body(i, image, new_tokens) for i in range(clients)]
     loop = asyncio.get_running_loop()
     timeout = aiohttp.ClientTimeout(total=3600)
-    async with listening_worker(settings, engine) as url, aiohttp.ClientSession(timeout=timeout) as session:
+    async with (
+        listening_worker(settings, engine) as url,
+        client_session(settings, timeout=timeout) as session,
+    ):
 
         async def over_http() -> float:
             started = time.perf_counter()
@@ -260,7 +276,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model_dir = build_tiny_model(Path(tmp) / "tiny-model")
         engine = Engine.load(str(model_dir), device="cpu")
         settings = Settings(  # type: ignore[call-arg]
-            _env_file=None, data_dir=Path(tmp) / "data", model=str(model_dir), max_batch=args.clients
+            _env_file=None,
+            data_dir=Path(tmp) / "data",
+            model=str(model_dir),
+            max_batch=args.clients,
+            worker_token=bench_token(),
         )
         result = asyncio.run(
             measure(

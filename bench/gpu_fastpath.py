@@ -72,7 +72,16 @@ async def measure_worker(
 ) -> None:
     import aiohttp
 
-    from bench.bench_worker import all_at_once, chat_body, conversation, listening_worker, photo_jpeg, post
+    from bench.bench_worker import (
+        all_at_once,
+        bench_token,
+        chat_body,
+        client_session,
+        conversation,
+        listening_worker,
+        photo_jpeg,
+        post,
+    )
     from model.fastpath import kv_bytes_per_token
     from smolcord.settings import Settings
 
@@ -104,13 +113,14 @@ async def measure_worker(
             max_queue=max(64, 2 * args.clients),
             max_tokens=max(512, args.new_tokens),
             request_timeout_s=600,
+            worker_token=bench_token(),
         )
         section: dict[str, Any] = {}
         record[name] = section
         started = time.perf_counter()
         async with (
             listening_worker(settings, engine) as url,
-            aiohttp.ClientSession(timeout=timeout) as session,
+            client_session(settings, timeout=timeout) as session,
         ):
             while True:  # readiness, as `smolcord run` and the bot wait for it
                 async with session.get(f"{url}/v1/models") as response:

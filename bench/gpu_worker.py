@@ -69,7 +69,15 @@ async def measure(
 ) -> None:
     import aiohttp
 
-    from bench.bench_worker import all_at_once, chat_body, conversation, listening_worker, photo_jpeg, post
+    from bench.bench_worker import (
+        all_at_once,
+        chat_body,
+        client_session,
+        conversation,
+        listening_worker,
+        photo_jpeg,
+        post,
+    )
 
     image = photo_jpeg((1536, 384))
     bodies = [chat_body(i, image, args.new_tokens) for i in range(args.clients)]
@@ -84,7 +92,10 @@ async def measure(
     tokens = args.clients * args.new_tokens
     loop = asyncio.get_running_loop()
     timeout = aiohttp.ClientTimeout(total=3600)
-    async with listening_worker(settings, engine) as url, aiohttp.ClientSession(timeout=timeout) as session:
+    async with (
+        listening_worker(settings, engine) as url,
+        client_session(settings, timeout=timeout) as session,
+    ):
 
         async def over_http(batch: Sequence[dict[str, Any]]) -> float:
             if len(batch) == 1:
@@ -140,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         raise SystemExit(2)
 
+    from bench.bench_worker import bench_token
     from model.engine import Engine
     from model.tiny import build_tiny_model
     from smolcord.settings import Settings
@@ -173,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 max_queue=max(64, 2 * args.clients),
                 max_tokens=max(512, args.new_tokens),
                 request_timeout_s=600,
+                worker_token=bench_token(),
             )
             dump()
             asyncio.run(measure(engine, settings, args, record, dump))

@@ -14,11 +14,20 @@ from aiohttp import web
 
 from model.adapters import AdapterError
 from model.batching import BatchScheduler
+from model.bodies import BodyReader, max_body_size
 from model.engine import Engine
 from model.errors import APIError, Handler, error_middleware
-from model.keys import encoder_key, engine_key, metrics_key, registry_key, scheduler_key, settings_key
+from model.keys import (
+    bodies_key,
+    encoder_key,
+    engine_key,
+    metrics_key,
+    registry_key,
+    scheduler_key,
+    settings_key,
+)
 from model.metrics import WorkerMetrics
-from model.routes import metrics_middleware, setup_routes
+from model.routes import auth_middleware, metrics_middleware, setup_routes
 from smolcord.registry import AdapterRegistry, RegistryError
 from smolcord.settings import Settings
 
@@ -29,12 +38,13 @@ log = logging.getLogger(__name__)
 
 async def init_app(settings: Settings, *, engine: Engine | None = None) -> web.Application:
     """The worker app; it loads settings.model at startup unless an engine is given (tests share one)."""
-    # Room for every image a request may carry, base64-encoded (4/3), plus the JSON around them.
-    max_body = settings.max_images * (settings.max_image_bytes * 4 // 3 + 1024) + 1024 * 1024
+    max_body = max_body_size(settings)
     app = web.Application(
-        client_max_size=max_body, middlewares=[metrics_middleware, error_middleware, _readiness_middleware]
+        client_max_size=max_body,  # what aiohttp itself would buffer; the routes read through BodyReader
+        middlewares=[metrics_middleware, error_middleware, auth_middleware, _readiness_middleware],
     )
     app[settings_key] = settings
+    app[bodies_key] = BodyReader(max_size=max_body, budget=settings.body_budget)
     app[registry_key] = AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir)
     app[metrics_key] = WorkerMetrics(
         queue_depth=lambda: app[scheduler_key].queue_depth if scheduler_key in app else 0,
@@ -98,17 +108,14 @@ async def _serve_registry_current(app: web.Application) -> None:
     """At start, serve what the registry's `current` names; a broken adapter leaves the base serving."""
     engine, registry = app[engine_key], app[registry_key]
     try:
-        version = registry.current()
-        path = registry.path(version) if version else None
+        await app[scheduler_key].run_exclusive(functools.partial(engine.serve_registry_current, registry))
     except RegistryError as exc:
         log.error("adapter registry unreadable at start (%s): serving %s", exc, engine.served_name)
         return
-    if version != engine.adapter_version:
-        load = functools.partial(engine.load_adapter, path, version=version)
-        try:
-            await app[scheduler_key].run_exclusive(load)
-        except AdapterError as exc:
-            log.error("adapter %s refused at start (%s): serving %s", version, exc, engine.served_name)
+    except AdapterError as exc:
+        log.error(
+            "the registry's current adapter was refused at start (%s): serving %s", exc, engine.served_name
+        )
     app[metrics_key].set_adapter(engine.adapter_version)
     log.info("serving %s", engine.served_name)
 

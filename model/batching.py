@@ -135,6 +135,11 @@ class BatchScheduler:
         return len(self._running)
 
     @property
+    def jobs_waiting(self) -> int:
+        """Exclusive jobs (adapter swaps) waiting for the generation thread."""
+        return len(self._jobs)
+
+    @property
     def is_full(self) -> bool:
         """Waiting and admitted (still being encoded) requests fill `max_queue` places."""
         return len(self._pending) + self._arriving >= self.max_queue

@@ -40,6 +40,7 @@ from model.generation import (
 
 if TYPE_CHECKING:
     from model.fastpath import FastPath
+    from smolcord.registry import AdapterRegistry
 
 __all__ = ["Encoding", "Engine"]
 
@@ -160,6 +161,19 @@ class Engine:
         if version is not None and version == self.adapter_version:
             return  # registry versions never change once written: two admin calls racing swap once
         self._adapters.load(path, version=version)
+
+    def serve_registry_current(self, registry: AdapterRegistry) -> tuple[str | None, str | None]:
+        """Serve what the registry's `current` names now (None: the base); returns (before, after). Generation thread only.
+
+        `current` is read here, inside the exclusive job, not by the caller: two calls racing with
+        a rollback then end on what `current` names when the last of them runs, never on a version
+        one of them read earlier. RegistryError and AdapterError (weights unchanged) propagate.
+        """
+        before = self.adapter_version
+        version = registry.current()
+        if version != before:
+            self.load_adapter(registry.path(version) if version else None, version=version)
+        return before, version
 
     # ------------------------------------------------------------------ prompts
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import ipaddress
@@ -20,11 +21,19 @@ from model.chat import ChatRequest, encode_chat, parse_chat_request
 from model.engine import Encoding
 from model.errors import APIError, Handler
 from model.generation import Completion, Event, Failed, TextDelta
-from model.keys import encoder_key, engine_key, metrics_key, registry_key, scheduler_key, settings_key
+from model.keys import (
+    bodies_key,
+    encoder_key,
+    engine_key,
+    metrics_key,
+    registry_key,
+    scheduler_key,
+    settings_key,
+)
 from model.metrics import CONTENT_TYPE_LATEST
 from smolcord.registry import RegistryError
 
-__all__ = ["metrics_middleware", "setup_routes"]
+__all__ = ["auth_middleware", "metrics_middleware", "setup_routes"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,18 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
+# Answered without SMOLCORD_WORKER_TOKEN even when it is set: liveness and monitoring, nothing to use.
+_OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With SMOLCORD_WORKER_TOKEN set, every route but /health and /metrics needs it, before any body is read."""
+    if request.app[settings_key].worker_token is not None and request.path not in _OPEN_PATHS:
+        _check_token(request)
+    return await handler(request)
+
+
 # ---------------------------------------------------------------------------- chat completions
 
 
@@ -70,28 +91,35 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     request_id = f"chatcmpl-{secrets.token_hex(12)}"
 
-    chat = parse_chat_request(
-        await _json_body(request), max_tokens_cap=settings.max_tokens, max_images=settings.max_images
-    )
     try:
-        with scheduler.admission():  # a queue place is held while the images are decoded
-            loop = asyncio.get_running_loop()
-            encoding = await loop.run_in_executor(app[encoder_key], encode_chat, engine, settings, chat)
-            max_tokens = _fit_context(chat, encoding, engine.max_model_len, settings.max_tokens)
-            pending = CompletionRequest(
-                id=request_id,
-                encoding=encoding,
-                params=chat.params(max_tokens),
-                deadline=started + settings.request_timeout_s,
+        # The body's bytes stay counted against the shared budget until its images are decoded.
+        async with app[bodies_key].json(request) as body:
+            chat = parse_chat_request(
+                body, max_tokens_cap=settings.max_tokens, max_images=settings.max_images
             )
-            scheduler.submit(pending)
+            with scheduler.admission():  # a queue place is held while the images are decoded
+                loop = asyncio.get_running_loop()
+                encoded = await loop.run_in_executor(app[encoder_key], encode_chat, engine, settings, chat)
+                encoding, images = encoded.encoding, len(encoded.chat.image_urls)
+                # The data: URLs are decoded now: a queued request need not keep megabytes of base64.
+                chat = dataclasses.replace(encoded.chat, image_urls=[])
+                max_tokens = _fit_context(chat, encoding, engine.max_model_len, settings.max_tokens)
+                pending = CompletionRequest(
+                    id=request_id,
+                    encoding=encoding,
+                    params=chat.params(max_tokens),
+                    deadline=started + settings.request_timeout_s,
+                )
+                scheduler.submit(pending)
     except QueueFull as exc:
         raise _busy(exc.retry_after) from None
+    if chat.dropped_images:
+        log.info("%s: %d history images dropped (image cap or context)", request_id, chat.dropped_images)
     log.info(
         "%s queued: %d prompt tokens, %d images, max_tokens %d%s",
         request_id,
         encoding.prompt_tokens,
-        len(chat.image_urls),
+        images,
         max_tokens,
         ", stream" if chat.stream else "",
     )
@@ -293,14 +321,6 @@ async def _send(response: web.StreamResponse, data: dict[str, Any]) -> None:
     await response.write(b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n")
 
 
-async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()  # over client_max_size: aiohttp's 413, made JSON by the error middleware
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
-
-
 # ---------------------------------------------------------------------------- models, health, metrics
 
 
@@ -349,22 +369,28 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def _check_admin(request: web.Request) -> None:
-    """Bearer SMOLCORD_WORKER_TOKEN when set; without one, loopback callers only."""
-    token = request.app[settings_key].worker_token
-    if token is None:
-        # A reverse proxy on this host makes every caller look local: set a token behind one.
-        if not _is_loopback(request.remote):
-            raise APIError(
-                403,
-                "Admin calls from other hosts need SMOLCORD_WORKER_TOKEN set on the worker.",
-                code="forbidden",
-            )
+    """Bearer SMOLCORD_WORKER_TOKEN when set (the middleware checked it); without one, loopback callers only."""
+    if request.app[settings_key].worker_token is not None:
+        _check_token(request)
         return
+    # A reverse proxy on this host makes every caller look local: set a token behind one.
+    if not _is_loopback(request.remote):
+        raise APIError(
+            403,
+            "Admin calls from other hosts need SMOLCORD_WORKER_TOKEN set on the worker.",
+            code="forbidden",
+        )
+
+
+def _check_token(request: web.Request) -> None:
+    """401 without `Authorization: Bearer <SMOLCORD_WORKER_TOKEN>`, 403 with another token."""
+    token = request.app[settings_key].worker_token
+    assert token is not None
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         raise APIError(
             401,
-            "This call needs Authorization: Bearer <SMOLCORD_WORKER_TOKEN>.",
+            "This worker needs Authorization: Bearer <SMOLCORD_WORKER_TOKEN>.",
             code="unauthorized",
             headers={"WWW-Authenticate": "Bearer"},
         )
@@ -385,35 +411,37 @@ def _is_loopback(remote: str | None) -> bool:
 async def load_adapter(request: web.Request) -> web.Response:
     """Serve what the registry's `current` names (or the base); 409 when that is not the version sent."""
     _check_admin(request)
-    body = await _json_body(request)
-    if not isinstance(body, dict) or "version" not in body:
-        raise APIError(400, 'Send {"version": "v3"} ("base" or null for no adapter).', code="invalid_request")
-    wanted = body["version"]
+    async with request.app[bodies_key].json(request) as body:
+        if not isinstance(body, dict) or "version" not in body:
+            raise APIError(
+                400, 'Send {"version": "v3"} ("base" or null for no adapter).', code="invalid_request"
+            )
+        wanted = body["version"]
     if wanted is not None and not isinstance(wanted, str):
         raise APIError(400, "version must be a string or null.", code="invalid_value")
     wanted = None if wanted in (None, "", "base") else wanted
 
     app = request.app
     engine, registry = app[engine_key], app[registry_key]
+    # `current` is read inside the exclusive job (the swap itself), not here: a rollback between a
+    # read here and the job would leave the worker serving what `current` no longer names.
     try:
-        current = registry.current()
-        path = registry.path(current) if current else None
+        before, current = await app[scheduler_key].run_exclusive(
+            functools.partial(engine.serve_registry_current, registry)
+        )
     except RegistryError as exc:
         log.error("adapter registry unreadable: %s", exc)
         raise APIError(500, "The adapter registry could not be read.", code="registry_error") from None
-
-    if current != engine.adapter_version:
-        before = engine.adapter_version
-        load = functools.partial(engine.load_adapter, path, version=current)
-        try:
-            await app[scheduler_key].run_exclusive(load)
-        except AdapterError as exc:
-            log.error("adapter %s refused (%s); still serving %s", current, exc, engine.served_name)
-            raise APIError(
-                422,
-                f"Adapter {current} was refused: {exc}. Still serving {engine.served_name}.",
-                code="adapter_refused",
-            ) from None
+    except AdapterError as exc:
+        log.error(
+            "the registry's current adapter was refused (%s); still serving %s", exc, engine.served_name
+        )
+        raise APIError(
+            422,
+            f"The registry's current adapter was refused: {exc}. Still serving {engine.served_name}.",
+            code="adapter_refused",
+        ) from None
+    if current != before:
         app[metrics_key].set_adapter(engine.adapter_version)
         log.info("adapter swapped: %s -> %s", before or "base", current or "base")
 

@@ -77,6 +77,18 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.model_copy(update={"model": args.model})
     default_host, default_port = settings.worker_host_port
     host, port = args.host or default_host, args.port or default_port
+    if (
+        settings.worker_token is None
+        and not (args.allow_open or settings.worker_allow_open)
+        and not _loopback(host)
+    ):
+        print(
+            f"smolcord worker: refusing to listen on {host} without SMOLCORD_WORKER_TOKEN: anyone who "
+            "reaches it could use it. Set a token (the bot, `smolcord ask` and training send it), or "
+            "pass --allow-open (SMOLCORD_WORKER_ALLOW_OPEN=true) if the network is yours alone.",
+            file=sys.stderr,
+        )
+        return 2
     log = logging.getLogger("smolcord.worker")
 
     def ready(*_: object) -> None:  # run_app calls this once the socket listens, after the model loaded
@@ -88,6 +100,19 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         print(f"smolcord worker: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback one (a name that does not resolve is not)."""
+    import ipaddress
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos}
+    return bool(addresses) and all(address.is_loopback for address in addresses)
 
 
 def _ask(args: argparse.Namespace, settings: Settings) -> int:
@@ -221,7 +246,11 @@ async def _sync_commands(settings: Settings, guild_id: int | None) -> int:
                 settings=settings,
                 http_session=http,
                 sessions=sessionmaker(engine),
-                worker=WorkerClient(http, settings.worker_url),
+                worker=WorkerClient(
+                    http,
+                    settings.worker_url,
+                    token=settings.worker_token.get_secret_value() if settings.worker_token else None,
+                ),
             )
             async with bot:
                 await bot.login(token)
@@ -261,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="hub id or local folder (default: SMOLCORD_MODEL)")
     p.add_argument("--host", help="default: the host of SMOLCORD_WORKER_URL")
     p.add_argument("--port", type=int, help="default: the port of SMOLCORD_WORKER_URL")
+    p.add_argument(
+        "--allow-open",
+        action="store_true",
+        help="listen beyond loopback without SMOLCORD_WORKER_TOKEN (SMOLCORD_WORKER_ALLOW_OPEN=true)",
+    )
 
     add("bot", _bot, "the Discord bot alone (needs DISCORD_TOKEN)")
 

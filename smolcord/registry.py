@@ -46,7 +46,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_VERSION = re.compile(r"^v[1-9][0-9]*$")
+# Always fullmatch: `re.match` with `$` also accepts a trailing newline ("v1\n").
+_VERSION = re.compile(r"v[1-9][0-9]*")
 _TMP_PREFIX = ".tmp-"
 CURRENT = "current"
 METRICS = "metrics.json"
@@ -95,7 +96,7 @@ class AdapterRegistry:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
             return []
-        names = [e.name for e in entries if _VERSION.match(e.name) and e.is_dir(follow_symlinks=False)]
+        names = [e.name for e in entries if _VERSION.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
         return sorted(names, key=_number)
 
     def current(self) -> str | None:
@@ -109,7 +110,7 @@ class AdapterRegistry:
                 raise RegistryError(f"{self.root / CURRENT} is not a symlink") from None
             raise
         folder = self.root / target
-        if not _VERSION.match(target) or folder.is_symlink() or not folder.is_dir():
+        if not _VERSION.fullmatch(target) or folder.is_symlink() or not folder.is_dir():
             log.warning("adapters/current points at %r, which is not a version: serving the base", target)
             return None
         return target
@@ -345,7 +346,7 @@ class AdapterRegistry:
 
 
 def _check_name(version: str) -> None:
-    if not isinstance(version, str) or not _VERSION.match(version):
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
         raise RegistryError(f"invalid adapter version name {version!r} (expected v1, v2, ...)")
 
 

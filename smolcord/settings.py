@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     adapter_endpoints: bool = True
     worker_url: str = "http://127.0.0.1:8700"
     worker_token: SecretStr | None = None
+    # A worker listening beyond loopback without worker_token refuses to start unless this says so
+    # (`smolcord worker --allow-open`): anyone who reaches it could use it.
+    worker_allow_open: bool = False
     # The `model` the bot asks for. Unset: none is sent and the smolcord worker answers with what it
     # serves. Another OpenAI-compatible server: its model's name, or a loaded LoRA's (vLLM, README).
     worker_model: str | None = None
@@ -68,6 +71,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(default=10, ge=0)
     max_queue: int = Field(default=64, ge=1)
     request_timeout_s: float = Field(default=120, gt=0)
+    # Bytes of request bodies the worker holds at once while reading and decoding them, across
+    # requests (never less than one body of the largest size); a body that does not fit gets 429.
+    body_budget: int = 256 * 1024 * 1024
 
     # images
     max_images: int = Field(default=4, ge=1)
@@ -107,7 +113,7 @@ class Settings(BaseSettings):
     train_method: Literal["dpo", "kto"] = "dpo"
     train_args: str = ""
 
-    @field_validator("max_image_bytes", "max_image_pixels", mode="before")
+    @field_validator("max_image_bytes", "max_image_pixels", "body_budget", mode="before")
     @classmethod
     def _size(cls, value: Any) -> int:
         return parse_size(value)

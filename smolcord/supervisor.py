@@ -58,7 +58,8 @@ def run(settings: Settings) -> int:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_to_head(settings.db_url)  # before any event loop: Alembic runs one of its own
-    return Supervisor(settings.worker_url, model=settings.model).run()
+    token = settings.worker_token.get_secret_value() if settings.worker_token else None
+    return Supervisor(settings.worker_url, model=settings.model, worker_token=token).run()
 
 
 # ------------------------------------------------------------------------------ readiness
@@ -72,15 +73,20 @@ class Readiness:
     detail: str
 
 
-def probe_worker(url: str, timeout: float = 2.0) -> Readiness:
-    """One readiness check of the worker at `url` (no proxy: the worker is local)."""
+def probe_worker(url: str, timeout: float = 2.0, *, token: str | None = None) -> Readiness:
+    """One readiness check of the worker at `url` (no proxy: the worker is local), with its token when set."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url.rstrip("/") + "/v1/models")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with opener.open(url.rstrip("/") + "/v1/models", timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             body = json.load(response)
     except urllib.error.HTTPError as exc:
         if exc.code == 503:
             return Readiness("warming", "503: still loading")
+        if exc.code in (401, 403):
+            return Readiness("error", f"HTTP {exc.code}: the worker wants another SMOLCORD_WORKER_TOKEN")
         return Readiness("error", f"HTTP {exc.code}")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -137,6 +143,7 @@ class Supervisor:
         worker_url: str,
         *,
         model: str = "",
+        worker_token: str | None = None,
         worker_command: Sequence[str] = WORKER_COMMAND,
         bot_command: Sequence[str] = BOT_COMMAND,
         env: Mapping[str, str] | None = None,
@@ -146,6 +153,7 @@ class Supervisor:
     ) -> None:
         self.worker_url = worker_url
         self.model = model
+        self.worker_token = worker_token  # sent by the readiness probe (the worker requires it when set)
         self.worker_command = list(worker_command)
         self.bot_command = list(bot_command)
         self.env = dict(os.environ if env is None else env)
@@ -238,7 +246,7 @@ class Supervisor:
                     self.worker_url,
                 )
                 return False
-            readiness = probe_worker(self.worker_url)
+            readiness = probe_worker(self.worker_url, token=self.worker_token)
             now = time.monotonic()
             if readiness.state == "ready":
                 log.info("the worker is ready after %.0f s, serving %s", now - started, readiness.detail)

@@ -49,6 +49,26 @@ def make_worker(aiohttp_client: Any, engine: Any, make_settings: Callable[..., S
 
 
 @pytest.fixture
+def slow_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every decode step takes at least 10 ms, so "a long answer" is long on any machine.
+
+    The tiny model decodes 400 tokens in about 0.35 s on a fast CPU: tests that need a generation
+    still running after a deadline or while other calls happen must not depend on the machine.
+    """
+    import time
+
+    import model.engine
+    from model.generation import RowSampler
+
+    class SlowSampler(RowSampler):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            time.sleep(0.01)
+            return super().__call__(input_ids, scores)
+
+    monkeypatch.setattr(model.engine, "RowSampler", SlowSampler)
+
+
+@pytest.fixture
 async def worker(make_worker: MakeWorker) -> TestClient:
     return await make_worker()
 

@@ -128,21 +128,109 @@ def test_streamer_hands_each_request_only_its_tokens(engine: Engine) -> None:
     sources = [_Source(SamplingParams(max_tokens=3)), _Source(SamplingParams(max_tokens=3))]
     rows = [Row(s, 4, IncrementalDetokenizer(tokenizer)) for s in sources]
     delivered: list[tuple[Any, Any]] = []
+    stopper = RowStopper(rows, stop_ids=engine.stop_ids, max_model_len=1000)
     streamer = BatchStreamer(rows, stop_ids=engine.stop_ids, model_name="m", deliver=delivered.extend)
     (the,), (cat,) = (tokenizer(word, add_special_tokens=False)["input_ids"] for word in ("The", " cat"))
 
     streamer.put(torch.zeros(2, 4, dtype=torch.long))  # the prompt: ignored
-    rows[0].generated = rows[1].generated = 1
-    streamer.put(torch.tensor([the, the]))
-    rows[0].generated, rows[1].generated, rows[1].finish_reason = 2, 2, "stop"
-    streamer.put(torch.tensor([cat, stop]))  # row 1 ends on the stop token: no text for it
+    for step in ([the, the], [cat, stop]):  # generate's order: the stopper, then the streamer
+        stopper(torch.tensor([[t] for t in step]), torch.zeros(2, 10))
+        streamer.put(torch.tensor(step))
     streamer.end()
 
     by_source = {id(s): [e for src, e in delivered if src is s] for s in sources}
     first, second = by_source[id(sources[0])], by_source[id(sources[1])]
     assert [e.text for e in first if isinstance(e, TextDelta)] == ["The", " cat"]
-    assert [e.text for e in second if isinstance(e, TextDelta)] == ["The"]
+    assert [e.text for e in second if isinstance(e, TextDelta)] == ["The"]  # no text for the stop token
     assert isinstance(first[-1], Completion) and first[-1].finish_reason == "length"
-    assert first[-1].text == "The cat"
+    assert first[-1].text == "The cat" and first[-1].model == "m"
     assert isinstance(second[-1], Completion) and second[-1].finish_reason == "stop"
     assert second[-1].text == "The" and second[-1].completion_tokens == 2
+
+
+def _run_row(
+    engine: Engine, text: str, stop: tuple[str, ...], max_tokens: int = 100
+) -> tuple[list[str], Any]:
+    """Feed text's tokens to one row with these stop strings; (the deltas it sent, its last event)."""
+    ids = engine.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    row = Row(
+        _Source(SamplingParams(max_tokens=max_tokens, stop=stop)), 4, IncrementalDetokenizer(engine._decoder)
+    )
+    events: list[Any] = []
+    for token in ids:
+        row.advance(token, stop_ids=engine.stop_ids, max_model_len=10_000, now=0.0)
+        events += row.take_events()
+        if row.closed:
+            break
+    row.finish("length")
+    events += row.take_events()
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    return deltas, events[-1]
+
+
+def test_stop_strings_end_the_text_before_the_first_occurrence(engine: Engine) -> None:
+    text = "The cat sat on the mat. END of story, the end."
+    for stop, expected in [
+        (("END",), "The cat sat on the mat. "),
+        (("mat", "cat"), "The "),  # the first occurrence of any of them
+        ((" on the m",), "The cat sat"),  # spans many tokens
+        (("zebra",), text),  # never occurs: everything, finish "length"
+        (("end.",), "The cat sat on the mat. END of story, the "),  # completed by the very last token
+    ]:
+        deltas, completion = _run_row(engine, text, stop)
+        assert isinstance(completion, Completion)
+        assert "".join(deltas) == completion.text == expected, stop
+        assert completion.finish_reason == ("length" if stop == ("zebra",) else "stop"), stop
+
+
+def test_text_that_could_begin_a_stop_string_is_held_back(engine: Engine) -> None:
+    tokenizer = engine._decoder
+    row = Row(_Source(SamplingParams(max_tokens=100, stop=("ab",))), 4, IncrementalDetokenizer(tokenizer))
+    sent: list[str] = []
+    for piece in ("x", "a", " ", "a"):  # byte-level: one token each
+        (token,) = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        row.advance(token, stop_ids=engine.stop_ids, max_model_len=10_000, now=0.0)
+        sent += [e.text for e in row.take_events() if isinstance(e, TextDelta)]
+    assert "".join(sent) == "xa "  # the last "a" could begin "ab": held back
+    (c,) = tokenizer("c", add_special_tokens=False)["input_ids"]
+    row.advance(c, stop_ids=engine.stop_ids, max_model_len=10_000, now=0.0)
+    sent += [e.text for e in row.take_events() if isinstance(e, TextDelta)]
+    assert "".join(sent) == "xa ac"  # it did not: sent after all
+    # An occurrence split over two tokens (two deltas) is found whole, and nothing of it was sent.
+    deltas, completion = _run_row(engine, "xa ab", ("ab",))
+    assert "".join(deltas) == completion.text == "xa " and completion.finish_reason == "stop"
+
+
+def test_a_failure_in_one_rows_sampling_or_stopping_ends_that_row_only(engine: Engine) -> None:
+    class Broken(IncrementalDetokenizer):
+        def add(self, token_id: int) -> str:
+            raise RuntimeError("boom")
+
+    tokenizer = engine._decoder
+    rows = [
+        # torch refuses this seed when it makes the row's generator: the draw fails.
+        Row(
+            _Source(SamplingParams(max_tokens=3, temperature=1.0, seed=2**64)),
+            4,
+            IncrementalDetokenizer(tokenizer),
+        ),
+        Row(_Source(SamplingParams(max_tokens=3)), 4, Broken(tokenizer)),
+        Row(
+            _Source(SamplingParams(max_tokens=3, temperature=1.0, seed=1)),
+            4,
+            IncrementalDetokenizer(tokenizer),
+        ),
+    ]
+    delivered: list[tuple[Any, Any]] = []
+    sampler, stopper = RowSampler(rows), RowStopper(rows, stop_ids=engine.stop_ids, max_model_len=1000)
+    streamer = BatchStreamer(rows, stop_ids=engine.stop_ids, model_name="m", deliver=delivered.extend)
+    streamer.put(torch.zeros(3, 4, dtype=torch.long))
+    for _ in range(3):
+        scores = sampler(torch.zeros(3, 1, dtype=torch.long), torch.randn(3, 50))
+        done = stopper(scores.argmax(-1, keepdim=True), scores)
+        streamer.put(scores.argmax(-1))
+    assert done.tolist() == [True, True, True]
+    last = {id(source): event for source, event in delivered}
+    assert [type(last[id(row.source)]).__name__ for row in rows] == ["Failed", "Failed", "Completion"]
+    assert [row.finish_reason for row in rows] == ["error", "error", "length"]
+    assert rows[2].generated == 3

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 
 from model.app import init_app
 from model.engine import Engine
+from model.keys import scheduler_key
 from smolcord.registry import AdapterRegistry
 from smolcord.settings import Settings
 
@@ -133,6 +137,43 @@ async def test_a_refused_adapter_is_422_and_the_current_one_keeps_serving(
     after = await greedy(worker)
     assert after["model"] == before["model"]
     assert after["choices"] == before["choices"]
+
+
+async def _until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_racing_load_calls_end_on_what_current_names(
+    worker: TestClient, registry: AdapterRegistry, adapters: dict[str, Path], engine: Engine
+) -> None:
+    first = publish(registry, adapters["lora"])
+    second = publish(registry, adapters["lora"])
+    registry.rollback(first)
+    assert (await worker.post(LOAD, json={"version": first})).status == 200
+    scheduler = worker.app[scheduler_key]
+    gate = threading.Event()
+    # The generation thread is busy (a long batch, say): every swap waits for it.
+    busy = asyncio.ensure_future(scheduler.run_exclusive(lambda: gate.wait(30)))
+    try:
+        await _until(lambda: scheduler.jobs_waiting == 0)
+        registry.promote(second, expected_current=first)  # a run promotes and tells the worker...
+        promoted = asyncio.ensure_future(worker.post(LOAD, json={"version": second}))
+        await _until(lambda: scheduler.jobs_waiting == 1)
+        registry.rollback(first)  # ...while an operator rolls back and tells it too
+        rolled_back = asyncio.ensure_future(worker.post(LOAD, json={"version": first}))
+        await _until(lambda: rolled_back.done() or scheduler.jobs_waiting == 2)
+    finally:
+        gate.set()
+    await busy
+    late, last = await promoted, await rolled_back
+    # Each swap read `current` when it ran: both end on what it names now, and the call that
+    # expected the promoted version is told it is not served.
+    assert engine.adapter_version == registry.current() == first
+    assert last.status == 200 and (await last.json())["version"] == first
+    assert late.status == 409 and (await late.json())["error"]["code"] == "version_mismatch"
 
 
 async def test_the_registry_current_is_served_from_the_start(

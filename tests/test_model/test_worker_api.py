@@ -256,9 +256,20 @@ BAD_INPUTS: list[tuple[str, Callable[[], Any], int, str]] = [
         "invalid_messages",
     ),
     ("n > 1", lambda: _TEXT | {"n": 2}, 400, "unsupported_value"),
-    ("max_tokens over the cap", lambda: _TEXT | {"max_tokens": 100_000}, 400, "invalid_value"),
     ("max_tokens not a number", lambda: _TEXT | {"max_tokens": "many"}, 400, "invalid_value"),
+    ("max_tokens negative", lambda: _TEXT | {"max_tokens": -1}, 400, "invalid_value"),
     ("temperature out of range", lambda: _TEXT | {"temperature": 9}, 400, "invalid_value"),
+    ("seed over 64 bits", lambda: _TEXT | {"seed": 2**64}, 400, "invalid_value"),
+    ("stop: five strings", lambda: _TEXT | {"stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
+    ("stop: not a string", lambda: _TEXT | {"stop": [3]}, 400, "invalid_value"),
+    ("stop: empty", lambda: _TEXT | {"stop": ""}, 400, "invalid_value"),
+    ("deeply nested JSON", lambda: b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+    (
+        "deeply nested field",
+        lambda: b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"{" * 200_000,
+        400,
+        "invalid_json",
+    ),
     ("ignore_eos not a bool", lambda: _TEXT | {"ignore_eos": "yes"}, 400, "invalid_value"),
     ("broken base64", lambda: _with_image("data:image/png;base64,@@not*base64@@"), 400, "bad_data_url"),
     (
@@ -326,6 +337,242 @@ async def test_bad_input_gets_an_openai_error_and_the_worker_keeps_serving(
     assert (await answer(worker, _TEXT))["usage"]["completion_tokens"] == 2
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("seed", 2**64), ("temperature", 9), ("top_p", 0), ("max_tokens", 0), ("stop", ["a"] * 5)],
+)
+async def test_a_refusal_names_the_field(worker: TestClient, field: str, value: Any) -> None:
+    response = await worker.post(CHAT, json=_TEXT | {field: value})
+    assert response.status == 400
+    assert field in (await response.json())["error"]["message"]
+
+
+async def test_one_bad_row_never_fails_its_batch(make_worker: Any, ask: Ask) -> None:
+    worker = await make_worker(batch_wait_ms=300)
+    normal = ask("hello", max_tokens=8)
+    alone = await text_of(worker, normal)
+    # Each of these used to fail the whole batch with 500: torch refuses a 64-bit seed, and logits
+    # divided by 1e-45 overflow to NaN. Now the seed is refused up front, the temperature is greedy.
+    beside, big_seed, tiny_temperature = await asyncio.gather(
+        worker.post(CHAT, json=normal),
+        worker.post(CHAT, json=ask("one", max_tokens=8, temperature=1.0, seed=2**64)),
+        worker.post(CHAT, json=ask("one", max_tokens=8, temperature=1e-45)),
+    )
+    assert beside.status == 200 and (await beside.json())["choices"][0]["message"]["content"] == alone
+    assert big_seed.status == 400 and "seed" in (await big_seed.json())["error"]["message"]
+    assert tiny_temperature.status == 200
+    greedy = await text_of(worker, ask("one", max_tokens=8, temperature=0))
+    assert (await tiny_temperature.json())["choices"][0]["message"]["content"] == greedy
+
+
+async def test_max_tokens_above_the_cap_is_clamped(make_worker: Any, ask: Ask) -> None:
+    worker = await make_worker(max_tokens=5)
+    body = await answer(worker, ask("hello", max_tokens=100_000))
+    assert body["usage"]["completion_tokens"] == 5
+    assert body["choices"][0]["finish_reason"] == "length"
+    streamed = await worker.post(
+        CHAT, json=ask("hello", max_completion_tokens=10**9, max_tokens=None, stream=True)
+    )
+    events = await sse_events(streamed)
+    assert [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"]][-1] == "length"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
+    assert text == body["choices"][0]["message"]["content"]
+
+
+# ---------------------------------------------------------------------------- stop strings
+
+
+async def _streamed(worker: TestClient, body: dict[str, Any]) -> tuple[list[str], str | None]:
+    """The content deltas of a streamed answer and its finish_reason."""
+    response = await worker.post(CHAT, json=body | {"stream": True})
+    assert response.status == 200, await response.text()
+    events = await sse_events(response)
+    assert events[-1] == "[DONE]"
+    choices = [e["choices"][0] for e in events[:-1] if e["choices"]]
+    deltas = [c["delta"]["content"] for c in choices if c["delta"].get("content")]
+    return deltas, choices[-1]["finish_reason"]
+
+
+async def test_stop_ends_the_text_before_the_first_occurrence_streamed_or_not(
+    worker: TestClient, ask: Ask
+) -> None:
+    body = ask("Describe the picture.", max_tokens=40)
+    deltas, _ = await _streamed(worker, body)
+    full = "".join(deltas)
+    assert len(deltas) > 5, deltas
+    # A stop string whose first occurrence spans two streamed deltas: its start must be held back.
+    cases = []
+    for i in range(1, len(deltas) - 1):
+        stop = deltas[i][-1] + deltas[i + 1][0]
+        if full.find(stop) == len("".join(deltas[: i + 1])) - 1:
+            cases.append(stop)
+    assert cases, deltas
+    tail = full[-3:]
+    for stop in [cases[0], [tail, cases[-1]], ["not in it at all"]]:
+        stops = [stop] if isinstance(stop, str) else stop
+        found = [full.find(s) for s in stops if full.find(s) >= 0]
+        expected = full[: min(found)] if found else full
+        plain = await answer(worker, body | {"stop": stop})
+        streamed, finish = await _streamed(worker, body | {"stop": stop})
+        assert plain["choices"][0]["message"]["content"] == "".join(streamed) == expected, stop
+        assert plain["choices"][0]["finish_reason"] == finish == ("stop" if found else "length")
+        assert not any(s in d for s in stops for d in streamed)
+
+
+# ---------------------------------------------------------------------------- images in history
+
+
+def _image_part(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+async def test_history_images_beyond_the_cap_are_dropped_oldest_first(
+    make_worker: Any, image_url: ImageUrl
+) -> None:
+    """Clients that re-send a conversation (llmcord) re-send its images: only the last message counts."""
+    worker = await make_worker(max_images=4)
+    a, b, c = (image_url(size, (200, 30, 30)) for size in ((300, 200), (250, 250), (40, 30)))
+    d, e, f = (image_url((48, 32), colour) for colour in ((1, 2, 3), (90, 90, 9), (9, 90, 200)))
+
+    def conversation(first: list[str]) -> dict[str, Any]:
+        messages = [
+            {"role": "user", "content": [*map(_image_part, first), {"type": "text", "text": "first"}]},
+            {"role": "assistant", "content": "Three pictures."},
+            {"role": "user", "content": [*map(_image_part, (d, e, f)), {"type": "text", "text": "second"}]},
+        ]
+        return {"messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+    resent = await answer(worker, conversation([a, b, c]))  # six images, four allowed: a and b go
+    reference = await answer(worker, conversation([c]))
+    assert resent["usage"] == reference["usage"]
+    assert resent["choices"] == reference["choices"]
+
+    too_many = conversation([])
+    too_many["messages"][-1]["content"][:0] = [_image_part(a), _image_part(b)]  # five in the last message
+    refused = await worker.post(CHAT, json=too_many)
+    assert refused.status == 400 and (await refused.json())["error"]["code"] == "too_many_images"
+
+
+async def test_history_images_the_context_cannot_hold_are_dropped(
+    make_worker: Any, engine: Engine, image_url: ImageUrl
+) -> None:
+    worker = await make_worker(max_images=4)
+    sizes = [(300, 200), (250, 250), (200, 150)]
+    long_text = " cat" * 1700
+    messages = [
+        {
+            "role": "user",
+            "content": [*(_image_part(image_url(s)) for s in sizes), {"type": "text", "text": long_text}],
+        },
+        {"role": "assistant", "content": "Cats."},
+        {
+            "role": "user",
+            "content": [_image_part(image_url((48, 32))), {"type": "text", "text": "And here?"}],
+        },
+    ]
+
+    def prompt_tokens(dropped: int) -> int:
+        kept = [Image.new("RGB", s, (200, 30, 30)) for s in sizes[dropped:]]
+        conversation = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}] * len(kept) + [{"type": "text", "text": long_text}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "Cats."}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And here?"}]},
+        ]
+        return engine.encode(conversation, [*kept, Image.new("RGB", (48, 32), (200, 30, 30))]).prompt_tokens
+
+    assert prompt_tokens(0) >= engine.max_model_len  # all of it does not fit...
+    dropped = next(n for n in range(1, 4) if prompt_tokens(n) < engine.max_model_len)
+    body = await answer(worker, {"messages": messages, "max_tokens": 1, "temperature": 0})
+    assert body["usage"]["prompt_tokens"] == prompt_tokens(dropped)  # ...without the oldest images it does
+
+
+# ---------------------------------------------------------------------------- bodies
+
+
+async def _raw_request(
+    worker: TestClient, head: bytes, body: bytes = b""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(worker.host, worker.port)
+    writer.write(head + b"\r\n" + body)
+    await writer.drain()
+    return reader, writer
+
+
+def _head(length: int, **headers: str) -> bytes:
+    lines = [
+        "POST /v1/chat/completions HTTP/1.1",
+        "Host: worker",
+        "Content-Type: application/json",
+        f"Content-Length: {length}",
+        *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items()),
+    ]
+    return "".join(line + "\r\n" for line in lines).encode()
+
+
+async def _status(reader: asyncio.StreamReader) -> int:
+    line = await asyncio.wait_for(reader.readline(), 10)
+    return int(line.split()[1])
+
+
+async def test_a_body_claiming_more_than_the_limit_is_refused_unread(make_worker: Any) -> None:
+    worker = await make_worker()
+    reader, writer = await _raw_request(worker, _head(10**9), b'{"messages": ')  # the rest never comes
+    assert await _status(reader) == 413
+    writer.close()
+    assert (await answer(worker, _TEXT))["usage"]["completion_tokens"] == 2
+
+
+async def test_bodies_read_at_once_share_a_byte_budget(make_worker: Any) -> None:
+    from model.keys import bodies_key
+
+    worker = await make_worker(max_images=1, max_image_bytes=100_000, body_budget=0)
+    bodies = worker.app[bodies_key]
+    size = bodies.budget * 2 // 3  # two of them do not fit in the budget at once
+    _, slow_writer = await _raw_request(worker, _head(size), b'{"messages": [')  # and then nothing
+
+    async def held() -> bool:
+        return bodies.held == size
+
+    await wait_for(held)
+    reader, writer = await _raw_request(worker, _head(size))
+    assert await _status(reader) == 429
+    assert b"Retry-After: 1" in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+
+    slow_writer.close()  # the first client goes: its bytes are given back
+
+    async def released() -> bool:
+        return bodies.held == 0
+
+    await wait_for(released)
+    padded = json.dumps(_TEXT | {"padding": "x" * (size - 200)}).encode()
+    assert (await answer(worker, json.loads(padded)))["usage"]["completion_tokens"] == 2
+    assert bodies.held == 0
+
+
+async def test_with_a_token_every_route_but_health_and_metrics_needs_it(make_worker: Any) -> None:
+    worker = await make_worker(worker_token="s3cret")
+    for method, path in (("POST", CHAT), ("GET", "/v1/models"), ("GET", "/v1/nothing")):
+        missing = await worker.request(method, path, json=_TEXT)
+        assert missing.status == 401, path
+        assert (await missing.json())["error"]["code"] == "unauthorized"
+        wrong = await worker.request(method, path, json=_TEXT, headers={"Authorization": "Bearer nope"})
+        assert wrong.status == 403, path
+    for path in ("/health", "/metrics"):
+        assert (await worker.get(path)).status == 200
+    authorized = {"Authorization": "Bearer s3cret"}
+    assert (await worker.get("/v1/models", headers=authorized)).status == 200
+    response = await worker.post(CHAT, json=_TEXT, headers=authorized)
+    assert response.status == 200
+    # Refused before any of its body is read: a stranger cannot make the worker buffer anything.
+    reader, writer = await _raw_request(worker, _head(10**8), b"{")
+    assert await _status(reader) == 401
+    writer.close()
+
+
 async def test_unknown_route_and_method_are_json_errors(worker: TestClient) -> None:
     missing = await worker.get("/v1/nothing")
     assert missing.status == 404 and (await missing.json())["error"]["code"] == "not_found"
@@ -337,14 +584,16 @@ async def test_unknown_route_and_method_are_json_errors(worker: TestClient) -> N
 
 
 async def _start_long_stream(worker: TestClient, ask: Ask, question: str = "hello") -> ClientResponse:
-    """A streamed answer of 400 tokens (seconds on a CPU); returns once its first bytes arrived."""
+    """A streamed answer of 400 tokens (4 s and more with slow_decoding); returns once its first bytes arrived."""
     response = await worker.post(CHAT, json=ask(question, max_tokens=400, stream=True))
     assert response.status == 200
     await response.content.readline()
     return response
 
 
-async def test_health_answers_while_a_long_generate_runs(worker: TestClient, ask: Ask) -> None:
+async def test_health_answers_while_a_long_generate_runs(
+    worker: TestClient, ask: Ask, slow_decoding: None
+) -> None:
     long = await _start_long_stream(worker, ask)
     started = time.monotonic()
     health = await (await worker.get("/health")).json()
@@ -354,7 +603,7 @@ async def test_health_answers_while_a_long_generate_runs(worker: TestClient, ask
     long.close()
 
 
-async def test_queue_full_is_429_with_retry_after(make_worker: Any, ask: Ask) -> None:
+async def test_queue_full_is_429_with_retry_after(make_worker: Any, ask: Ask, slow_decoding: None) -> None:
     worker = await make_worker(max_queue=1, max_batch=1)
     long = await _start_long_stream(worker, ask)
     queued = asyncio.create_task(answer(worker, ask("one", max_tokens=2)))
@@ -377,7 +626,9 @@ async def test_queue_full_is_429_with_retry_after(make_worker: Any, ask: Ask) ->
     )
 
 
-async def test_requests_past_the_deadline_get_504_queued_or_generating(make_worker: Any, ask: Ask) -> None:
+async def test_requests_past_the_deadline_get_504_queued_or_generating(
+    make_worker: Any, ask: Ask, slow_decoding: None
+) -> None:
     worker = await make_worker(request_timeout_s=0.6, max_batch=1)
     started = time.monotonic()
     generating, queued = await asyncio.gather(
@@ -395,7 +646,9 @@ async def test_requests_past_the_deadline_get_504_queued_or_generating(make_work
     assert (await answer(worker, ask("hello", max_tokens=2)))["usage"]["completion_tokens"] == 2
 
 
-async def test_a_stream_past_its_deadline_ends_with_an_error_event(make_worker: Any, ask: Ask) -> None:
+async def test_a_stream_past_its_deadline_ends_with_an_error_event(
+    make_worker: Any, ask: Ask, slow_decoding: None
+) -> None:
     worker = await make_worker(request_timeout_s=1.0)
     response = await worker.post(CHAT, json=ask("hello", max_tokens=400, stream=True))
     assert response.status == 200
@@ -406,7 +659,9 @@ async def test_a_stream_past_its_deadline_ends_with_an_error_event(make_worker: 
     assert metric(text, 'smolcord_requests_total{route="/v1/chat/completions",status="504"}') == 1
 
 
-async def test_client_leaving_mid_stream_cancels_only_its_row(make_worker: Any, ask: Ask) -> None:
+async def test_client_leaving_mid_stream_cancels_only_its_row(
+    make_worker: Any, ask: Ask, slow_decoding: None
+) -> None:
     worker = await make_worker(batch_wait_ms=300)
     leaving, *staying = await asyncio.gather(
         worker.post(CHAT, json=ask("hello", max_tokens=400, stream=True)),

@@ -60,10 +60,10 @@ async def test_ready_health_chat_and_stream(worker: TestClient, image_url: Calla
     assert final.usage == plain.usage and final.finish_reason == "length" and final.model == plain.model
 
 
-async def test_worker_errors_are_typed(make_worker: Any) -> None:
+async def test_worker_errors_are_typed(make_worker: Any, slow_decoding: None) -> None:
     client = client_of(await make_worker(request_timeout_s=0.5))
     with pytest.raises(WorkerError) as bad:
-        await client.chat(HELLO, max_tokens=100_000)
+        await client.chat(HELLO, max_tokens=0)
     assert bad.value.status == 400 and bad.value.code == "invalid_value"
     with pytest.raises(WorkerTimeout):
         await client.chat(HELLO, max_tokens=400, extra_body=EXACT)
@@ -180,6 +180,7 @@ def test_worker_command_runs_the_app_where_told(monkeypatch: pytest.MonkeyPatch,
 
     seen: dict[str, Any] = {}
     monkeypatch.setenv("SMOLCORD_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SMOLCORD_WORKER_TOKEN", "s3cret")  # beyond loopback, a worker needs one
     monkeypatch.setattr(model.app, "init_app", lambda settings: seen.setdefault("settings", settings))
     monkeypatch.setattr(web, "run_app", lambda app, **kwargs: seen.update(app=app, **kwargs))
     assert main(["worker", "--model", "some/model", "--host", "0.0.0.0", "--port", "9999"]) == 0

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,38 @@ def test_a_command_not_built_yet_says_so(capsys):
         _not_built("frobnicate", 99)(None, None)  # type: ignore[arg-type]
     assert info.value.code != 0
     assert "not built yet" in capsys.readouterr().err
+
+
+@pytest.fixture
+def started(monkeypatch) -> list[tuple[str, int]]:
+    """`smolcord worker` up to the point where it would listen: where it would, recorded instead."""
+    import aiohttp.web
+
+    import model.app
+
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(model.app, "init_app", lambda settings: None)
+    monkeypatch.setattr(aiohttp.web, "run_app", lambda app, host, port, print: calls.append((host, port)))
+    for name in ("SMOLCORD_WORKER_TOKEN", "SMOLCORD_WORKER_ALLOW_OPEN", "SMOLCORD_WORKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(Path(__file__).parent)  # no .env here
+    return calls
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7"])
+def test_worker_beyond_loopback_needs_a_token_or_allow_open(started, monkeypatch, capsys, host):
+    assert main(["worker", "--host", host, "--port", "8799"]) == 2
+    assert "SMOLCORD_WORKER_TOKEN" in capsys.readouterr().err and started == []
+    assert main(["worker", "--host", host, "--port", "8799", "--allow-open"]) == 0
+    monkeypatch.setenv("SMOLCORD_WORKER_TOKEN", "s3cret")
+    assert main(["worker", "--host", host, "--port", "8799"]) == 0
+    monkeypatch.delenv("SMOLCORD_WORKER_TOKEN")
+    monkeypatch.setenv("SMOLCORD_WORKER_ALLOW_OPEN", "true")
+    assert main(["worker", "--host", host, "--port", "8799"]) == 0
+    assert started == [(host, 8799)] * 3
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_worker_on_loopback_needs_no_token(started, host):
+    assert main(["worker", "--host", host, "--port", "8799"]) == 0
+    assert started == [(host, 8799)]

@@ -89,7 +89,8 @@ def test_metrics(registry: AdapterRegistry):
 
 
 @pytest.mark.parametrize(
-    "name", ["../v1", "v1/../../etc", "/etc", "v0", "v01", "v1/", "current", "", "V1", "v1\x00", ".tmp-1-2"]
+    "name",
+    ["../v1", "v1/../../etc", "/etc", "v0", "v01", "v1/", "current", "", "V1", "v1\x00", "v1\n", ".tmp-1-2"],
 )
 def test_invalid_names_refused(registry: AdapterRegistry, name: str):
     add_version(registry)
@@ -99,6 +100,16 @@ def test_invalid_names_refused(registry: AdapterRegistry, name: str):
         registry.promote(name, expected_current=None)
     with pytest.raises(RegistryError):
         registry.rollback(name)
+
+
+def test_a_folder_named_like_a_version_plus_newline_is_not_one(registry: AdapterRegistry):
+    """`re.match` with `$` accepts a trailing newline: every version name is matched whole."""
+    version = add_version(registry)
+    impostor = registry.root / f"{version}\n"
+    impostor.mkdir()
+    assert registry.versions() == [version]
+    (registry.root / "current").symlink_to(impostor.name)
+    assert registry.current() is None
 
 
 def test_unknown_version(registry: AdapterRegistry):

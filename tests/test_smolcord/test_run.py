@@ -128,6 +128,24 @@ def test_waits_for_readiness_then_stops_the_bot_before_the_worker(tmp_path: Path
     assert "warming up" in caplog.text and "the worker is ready" in caplog.text
 
 
+async def test_the_readiness_probe_sends_the_worker_token(
+    aiohttp_server, tiny_engine, tmp_path: Path
+) -> None:
+    from model.app import init_app
+    from smolcord.settings import Settings
+
+    settings = Settings(
+        _env_file=None, data_dir=tmp_path, model=tiny_engine.name, worker_token="probe-secret"
+    )  # type: ignore[call-arg]
+    server = await aiohttp_server(await init_app(settings, engine=tiny_engine))
+    url = str(server.make_url(""))
+    without = await asyncio.to_thread(probe_worker, url)
+    assert without.state == "error" and "401" in without.detail
+    assert (await asyncio.to_thread(probe_worker, url, token="wrong")).state == "error"
+    ready = await asyncio.to_thread(probe_worker, url, token="probe-secret")
+    assert ready.state == "ready" and ready.detail == tiny_engine.name
+
+
 def test_a_dying_bot_takes_the_worker_down(tmp_path: Path, caplog) -> None:
     supervisor, log = stand_ins(tmp_path, bot_mode="dies")
     assert supervisor.run() == 1
@@ -215,6 +233,8 @@ async def test_smolcord_run_answers_through_the_real_worker_and_stops_on_ctrl_c(
             "SMOLCORD_DEV_GUILD_ID": str(guild.id),
             "SMOLCORD_COOLDOWN_S": "0",
             "SMOLCORD_MAX_TOKENS": "8",
+            # The readiness probe and the bot must both send it: the worker requires it everywhere.
+            "SMOLCORD_WORKER_TOKEN": "run-secret",
             API_BASE_ENV: fake.api_base,
             GATEWAY_ENV: fake.gateway_url,
         }
