@@ -15,9 +15,13 @@ def test_without_settings_the_defaults_hold() -> None:
     assert run.method == "dpo" and train == TrainArguments() and gate == GateArguments()
 
 
-def test_settings_set_the_method_and_any_hyperparameter_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_set_the_method_and_any_hyperparameter_and_flags_win(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("SMOLCORD_TRAIN_METHOD", "kto")
-    monkeypatch.setenv("SMOLCORD_TRAIN_ARGS", "--learning_rate 0.001 --num_train_epochs 3 --eval_batch_size 2")
+    monkeypatch.setenv(
+        "SMOLCORD_TRAIN_ARGS", "--learning_rate 0.001 --num_train_epochs 3 --eval_batch_size 2"
+    )
     from_env = settings()
     run, train, gate = parse_arguments(from_env)
     assert run.method == "kto" and train.learning_rate == 0.001 and train.num_train_epochs == 3.0
