@@ -63,7 +63,7 @@ def eligible_prompt(settings: Settings) -> ColumnElement[bool]:
     return and_(_own_consent(settings, Prompt, GuildSettings), ~failing_turn)
 
 
-def eligible_prompt_ids(settings: Settings) -> Select[tuple[int]]:
+def eligible_prompt_ids(settings: Settings) -> Select[int]:
     """`SELECT prompts.id` of every prompt that may train now (to use as `X.prompt_id.in_(...)` or a subquery)."""
     return (
         select(Prompt.id)

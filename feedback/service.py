@@ -556,10 +556,10 @@ async def _provenance(
     prompts: dict[int, tuple[str, int, int | None]] = {}
     own_images: dict[int, set[str]] = {}
     for batch in chunks(sorted(prompt_ids)):
-        rows = await session.execute(
+        found_prompts = await session.execute(
             select(Prompt.id, Prompt.question, Prompt.author_id, Prompt.guild_id).where(Prompt.id.in_(batch))
         )
-        prompts.update({row[0]: (row[1], row[2], row[3]) for row in rows})
+        prompts.update({row[0]: (row[1], row[2], row[3]) for row in found_prompts})
         links = await session.execute(
             select(PromptImage.prompt_id, PromptImage.image_sha256).where(
                 PromptImage.prompt_id.in_(batch), PromptImage.in_history.is_(False)
@@ -569,12 +569,12 @@ async def _provenance(
             own_images.setdefault(prompt_id, set()).add(sha)
     responses: dict[int, tuple[str, int, int, int | None]] = {}
     for batch in chunks(sorted(response_ids)):
-        rows = await session.execute(
+        found_responses = await session.execute(
             select(Response.id, Response.text, Response.prompt_id, Prompt.author_id, Prompt.guild_id)
             .join(Prompt, Prompt.id == Response.prompt_id)
             .where(Response.id.in_(batch))
         )
-        responses.update({row[0]: (row[1], row[2], row[3], row[4]) for row in rows})
+        responses.update({row[0]: (row[1], row[2], row[3], row[4]) for row in found_responses})
     rows: list[dict[str, Any]] = []
     for number, (turn, source) in enumerate(zip(turns, sources, strict=True)):
         row: dict[str, Any] = {
@@ -1214,9 +1214,9 @@ async def note_guilds_present(
     async with transaction(session):
         pending = set(await session.scalars(select(GuildRemoval.guild_id)))
         cancelled = await _delete_where_in(session, GuildRemoval, GuildRemoval.guild_id, pending & present)
-        known = set(
-            await session.scalars(select(Prompt.guild_id).where(Prompt.guild_id.is_not(None)).distinct())
-        )
+        known = {
+            guild for guild in await session.scalars(select(Prompt.guild_id).distinct()) if guild is not None
+        }
         known |= set(await session.scalars(select(GuildSettings.guild_id)))
         missing = sorted(known - present - pending)
         if missing:
