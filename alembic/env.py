@@ -1,6 +1,6 @@
 """Alembic environment of the feedback store (async template); the URL comes from smolcord's settings.
 
-`feedback.db.upgrade_to_head(url)` passes its URL in `config.attributes["database_url"]`; the
+`feedback.store.db.upgrade_to_head(url)` passes its URL in `config.attributes["database_url"]`; the
 `alembic` command line uses SMOLCORD_DATABASE_URL, or the SQLite file in SMOLCORD_DATA_DIR.
 This file calls `asyncio.run`: it must run where no event loop is running.
 """
@@ -12,8 +12,8 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 
 from alembic import context
-from feedback.db import create_engine
-from feedback.models import Base, UTCDateTime
+from feedback.store.db import create_engine
+from feedback.store.models import Base, UTCDateTime
 
 config = context.config
 

@@ -31,9 +31,9 @@ from typing import Any
 
 from sqlalchemy import insert, select
 
-from feedback import service
-from feedback.db import create_engine, sessionmaker, upgrade_to_head
-from feedback.models import (
+from feedback.store import service
+from feedback.store.db import create_engine, sessionmaker, upgrade_to_head
+from feedback.store.models import (
     GuildSettings,
     Image,
     OptedOutUser,
@@ -43,8 +43,8 @@ from feedback.models import (
     Response,
     ResponseMessage,
 )
-from feedback.pairs import build_pairs, cap_voter_share
-from feedback.votes import THUMBS_DOWN, THUMBS_UP
+from feedback.store.pairs import build_pairs, cap_voter_share
+from feedback.store.votes import THUMBS_DOWN, THUMBS_UP
 from smolcord.settings import Settings
 
 GUILD = 1

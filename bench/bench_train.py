@@ -2,13 +2,13 @@
 
     python -m bench.bench_train [--prompts 64] [--epochs 2] [--batch 4] [--repeats 2]
 
-Both sides start from the same tiny checkpoint with the same fresh LoRA (feedback.train_model's
+Both sides start from the same tiny checkpoint with the same fresh LoRA (feedback.training.trainer's
 config: rank, alpha, targets), train on the same pairs (colour votes recorded through the store's
-service functions, read back with feedback.train_data) with the same batch size, epochs and
+service functions, read back with feedback.training.data) with the same batch size, epochs and
 learning rate, and collate on the fly with trl's vision collator (what a real run does: images
 are decoded and tiled per batch, never held in memory).
 
-- real path: `feedback.train.run` end to end (store, trainer, gate, registry); its training
+- real path: `feedback.training.job.run` end to end (store, trainer, gate, registry); its training
   phase (`trainer.train()`, as recorded in metrics.json) gives the pairs/s, the whole run's wall
   time is printed beside it.
 - hand-written: a plain loop; per batch: collate, policy forward on chosen+rejected, reference
@@ -42,8 +42,8 @@ LEARNING_RATE = 5e-5
 
 def record_store(data_dir: Path, model_dir: Path, prompts: int) -> None:
     """A migrated store with `prompts` voted colour prompts."""
-    from feedback.db import upgrade_to_head
-    from feedback.train_synthetic import record_colour_votes
+    from feedback.store.db import upgrade_to_head
+    from feedback.store.synthetic import record_colour_votes
 
     settings = _settings(data_dir, model_dir)
     upgrade_to_head(settings.db_url)
@@ -54,8 +54,8 @@ def real_path(template: Path, model_dir: Path, work: Path, *, epochs: float, bat
     """One `smolcord train` run on a copy of the store; the training phase's pairs/s from its metrics."""
     import io
 
-    from feedback.train import run
-    from feedback.train_config import RunArguments, TrainArguments
+    from feedback.training.config import RunArguments, TrainArguments
+    from feedback.training.job import run
     from smolcord.registry import AdapterRegistry
 
     data_dir = work / f"real-{time.monotonic_ns()}"
@@ -86,12 +86,14 @@ def hand_written(template: Path, model_dir: Path, *, epochs: float, batch: int) 
     from transformers import AutoProcessor
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
-    from feedback.train_data import load_training_data, with_images
-    from feedback.train_model import load_for_training, lora_config, plan_model
+    from feedback.training.data import load_training_data, with_images
+    from feedback.training.store import JobStore
+    from feedback.training.trainer import load_for_training, lora_config, plan_model
 
     settings = _settings(template, model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
-    data = load_training_data(settings, method="dpo", processor=processor, limit=2048)
+    with JobStore(settings) as store:
+        data = load_training_data(store, settings, method="dpo", processor=processor, limit=2048)
     rows = [e.row for e in data.train]
     plan = plan_model(
         str(model_dir), device="cpu", dtype="auto", load_in_4bit="auto", gradient_checkpointing="auto",

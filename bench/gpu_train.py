@@ -13,7 +13,7 @@ colour prompts shaped like the anchor's inputs (a 1536x384 image: 5 tiles, 320 i
   adapter disabled, -logsigmoid(beta * margin), AdamW) on the model loaded exactly as the job
   loads it (256M: bf16; 2B: 4-bit NF4, vision tower/connector/head kept out, gradient
   checkpointing) with the same LoRA;
-- smolcord train: `feedback.train.run` end to end (store, trl's DPOTrainer, gate, registry); step
+- smolcord train: `feedback.training.job.run` end to end (store, trl's DPOTrainer, gate, registry); step
   times from the arrival of its JSON progress lines, peak training memory from its metrics.json.
 
 Both report the median step time after two warm-up steps, as pairs/s. Goals (issue 6): 256M,
@@ -82,8 +82,8 @@ def steady_pairs_per_s(step_ends: Sequence[float], started: float, batch: int) -
 
 
 def build_store(work: Path, model_dir: Path, prompts: int, device: str) -> tuple[Path, Any]:
-    from feedback.db import upgrade_to_head
-    from feedback.train_synthetic import record_colour_votes
+    from feedback.store.db import upgrade_to_head
+    from feedback.store.synthetic import record_colour_votes
 
     data_dir = work / "store"
     settings = _settings(data_dir, model_dir, device)
@@ -98,15 +98,19 @@ def hand_written(settings: Any, *, batch: int, steps: int) -> dict[str, Any]:
     from transformers import AutoProcessor
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
-    from feedback.train_data import load_training_data, with_images
-    from feedback.train_model import load_for_training, lora_config, plan_model
+    from feedback.training.data import load_training_data, with_images
+    from feedback.training.store import JobStore
+    from feedback.training.trainer import load_for_training, lora_config, plan_model
 
     plan = plan_model(
         settings.model, device=settings.device, dtype=settings.dtype, load_in_4bit="auto",
         gradient_checkpointing="auto", headroom_gib=0,
     )  # fmt: skip
     processor = AutoProcessor.from_pretrained(settings.model)
-    data = load_training_data(settings, method="dpo", processor=processor, limit=plan_limit(settings.model))
+    with JobStore(settings) as store:
+        data = load_training_data(
+            store, settings, method="dpo", processor=processor, limit=plan_limit(settings.model)
+        )
     _sync(plan.device)
     if plan.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -162,8 +166,8 @@ def hand_written(settings: Any, *, batch: int, steps: int) -> dict[str, Any]:
 
 def smolcord_train(template: Path, work: Path, model_dir: Path, device: str, *, batch: int) -> dict[str, Any]:
     """One `smolcord train` run on a copy of the store; step times from its JSON lines."""
-    from feedback.train import run
-    from feedback.train_config import RunArguments, TrainArguments
+    from feedback.training.config import RunArguments, TrainArguments
+    from feedback.training.job import run
     from smolcord.registry import AdapterRegistry
 
     data_dir = work / "real"
@@ -195,7 +199,7 @@ def smolcord_train(template: Path, work: Path, model_dir: Path, device: str, *, 
 
 
 def plan_limit(model_id: str) -> int:
-    from feedback.train import plan_limit as limit
+    from feedback.training.job import plan_limit as limit
 
     return limit(model_id)
 

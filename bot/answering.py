@@ -34,9 +34,9 @@ from bot.conversation import (
 from bot.limits import ChannelPacer, Cooldown, InflightLimit
 from bot.notices import ConsentNotices, RecentAnswers, consent_text, notice_state
 from bot.text import CURSOR, footer, served_version, split_message
-from feedback import service
-from feedback.errors import FeedbackError
-from feedback.votes import REGENERATE, THUMBS_DOWN, THUMBS_UP
+from feedback.store import service
+from feedback.store.errors import FeedbackError
+from feedback.store.votes import REGENERATE, THUMBS_DOWN, THUMBS_UP
 from smolcord.worker_client import ChatResult, WorkerBusy, WorkerDown, WorkerError, WorkerTimeout
 
 if TYPE_CHECKING:

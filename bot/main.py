@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from feedback.db import create_engine, sessionmaker
+from feedback.store.db import create_engine, sessionmaker
 from smolcord.settings import Settings
 from smolcord.worker_client import WorkerClient
 

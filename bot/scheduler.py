@@ -27,8 +27,8 @@ from typing import Any
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from feedback.pairs import build_pairs, is_heldout
-from feedback.service import new_pairs
+from feedback.store.pairs import build_pairs, is_heldout
+from feedback.store.service import new_pairs
 from smolcord.settings import Settings
 
 __all__ = [

@@ -1,1 +1,1 @@
-"""The feedback store: prompts, answers, votes, preference pairs, export and the training job."""
+"""What the votes become: the torch-free store (`feedback.store`) and the GPU training job (`feedback.training`)."""

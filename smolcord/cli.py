@@ -57,13 +57,13 @@ def _adapters(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _db(args: argparse.Namespace, settings: Settings) -> int:
-    from feedback.commands import db_upgrade
+    from feedback.store.commands import db_upgrade
 
     return db_upgrade(settings)
 
 
 def _export(args: argparse.Namespace, settings: Settings) -> int:
-    from feedback.commands import export
+    from feedback.store.commands import export
 
     return export(settings, args.out, args.kind)
 
@@ -143,8 +143,8 @@ async def _stream_answer(url: str, token: str | None, messages: list[dict[str, o
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
-    from feedback.train import run
-    from feedback.train_config import RunArguments
+    from feedback.training.config import RunArguments
+    from feedback.training.job import run
 
     options = RunArguments(args.method, dry_run=args.dry_run, force=args.force, progress=args.progress)
     return run(settings, options)
@@ -156,7 +156,7 @@ def _bot(args: argparse.Namespace, settings: Settings) -> int:
     import discord
 
     from bot.main import TOKEN_HELP, run_bot
-    from feedback.db import upgrade_to_head
+    from feedback.store.db import upgrade_to_head
 
     if settings.discord_token is None:
         print(TOKEN_HELP, file=sys.stderr)
@@ -205,7 +205,7 @@ async def _sync_commands(settings: Settings, guild_id: int | None) -> int:
     import aiohttp
 
     from bot.app import SmolcordBot
-    from feedback.db import create_engine, sessionmaker
+    from feedback.store.db import create_engine, sessionmaker
     from smolcord.worker_client import WorkerClient
 
     assert settings.discord_token is not None
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--progress",
         choices=["json", "bar", "none"],
-        help="json: JSON lines on stdout (exit codes and fields: python -m feedback.train --help); "
+        help="json: JSON lines on stdout (exit codes and fields: python -m feedback.training --help); "
         "default: a bar on a terminal",
     )
 

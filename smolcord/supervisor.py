@@ -54,7 +54,7 @@ def run(settings: Settings) -> int:
     if settings.discord_token is None:
         print(TOKEN_HELP, file=sys.stderr)
         return 2
-    from feedback.db import upgrade_to_head
+    from feedback.store.db import upgrade_to_head
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_to_head(settings.db_url)  # before any event loop: Alembic runs one of its own

@@ -64,7 +64,7 @@ async def running_bot(
     only attachment host, the test guild as the dev guild (commands sync there).
     """
     from bot.app import SmolcordBot
-    from feedback.db import create_engine, sessionmaker
+    from feedback.store.db import create_engine, sessionmaker
     from smolcord.worker_client import WorkerClient
 
     data_dir = tmp_path / "data"

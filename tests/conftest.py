@@ -40,7 +40,7 @@ def tiny_engine(tiny_model_dir: Path):
 @pytest.fixture(scope="session")
 def migrated_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SQLite file migrated to head once; tests copy it instead of migrating again."""
-    from feedback.db import upgrade_to_head
+    from feedback.store.db import upgrade_to_head
 
     path = tmp_path_factory.mktemp("db-template") / "smolcord.db"
     upgrade_to_head(f"sqlite+aiosqlite:///{path}")

@@ -12,7 +12,7 @@ from discord.ext import commands
 
 from bot.checks import require_bot_admin, require_owner
 from bot.scheduler import TrainingReadiness, next_nightly_run, training_readiness
-from feedback import service
+from feedback.store import service
 from smolcord.registry import RegistryError
 from smolcord.worker_client import WorkerDown, WorkerError
 

@@ -15,7 +15,7 @@ from discord.ext import commands
 from bot.answering import NO_MENTIONS, InteractionDestination, ReplyDestination, answerer_for
 from bot.attachments import AttachmentRef, AttachmentRefused, fetch_image
 from bot.conversation import DEFAULT_IMAGE_QUESTION, Question
-from feedback import service
+from feedback.store import service
 from smolcord.images import NormalizedImage
 
 if TYPE_CHECKING:

@@ -19,10 +19,10 @@ import discord
 from discord.ext import commands
 
 from bot.answering import NO_MENTIONS, ReplyDestination, answerer_for
-from feedback import service
-from feedback.errors import FeedbackError, NotAVote, UnknownPrompt, UnknownResponse
-from feedback.models import utcnow
-from feedback.votes import action_of, vote_value
+from feedback.store import service
+from feedback.store.errors import FeedbackError, NotAVote, UnknownPrompt, UnknownResponse
+from feedback.store.models import utcnow
+from feedback.store.votes import action_of, vote_value
 
 if TYPE_CHECKING:
     from bot.app import SmolcordBot

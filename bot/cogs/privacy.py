@@ -11,7 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.checks import on_app_command_error, require_server_manager
-from feedback import service
+from feedback.store import service
 
 if TYPE_CHECKING:
     from bot.app import SmolcordBot

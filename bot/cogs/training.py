@@ -20,9 +20,9 @@ from bot.scheduler import (
     should_train,
     training_readiness,
 )
-from feedback.service import purge_expired
-from feedback.trainlock import training_running
+from feedback.store.service import purge_expired
 from smolcord.registry import RegistryError
+from smolcord.trainlock import training_running
 
 if TYPE_CHECKING:
     from bot.app import SmolcordBot

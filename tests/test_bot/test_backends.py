@@ -17,7 +17,7 @@ from aiohttp import web
 from test_bot.test_chat import answer_to, ask, fast
 from test_bot.test_training_commands import add_version, run_command
 
-from feedback.train_publish import tell_worker
+from feedback.training.publish import tell_worker
 from smolcord.worker_client import WorkerClient
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,8 +17,8 @@ from PIL import Image
 
 from bot.answering import answerer_for
 from bot.conversation import fit_history, trim_history
-from feedback import service
-from feedback.votes import REGENERATE
+from feedback.store import service
+from feedback.store.votes import REGENERATE
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,7 +14,7 @@ from fake_discord import CLIENT_OPTIONS, FakeInteraction, FakeMessage, FakeUser
 from test_feedback.harness import StoreHarness, make_image
 
 from bot.app import SmolcordBot
-from feedback import service
+from feedback.store import service
 from smolcord.worker_client import WorkerClient
 
 INTERACTION_DEADLINE_S = 3.0

@@ -15,10 +15,10 @@ from test_bot.test_commands import run_command, store
 from test_bot.test_votes import votes_become
 
 from bot.notices import ConsentNotices
-from feedback import service
-from feedback.models import GuildRemoval, utcnow
-from feedback.pairs import build_pairs
-from feedback.votes import REGENERATE
+from feedback.store import service
+from feedback.store.models import GuildRemoval, utcnow
+from feedback.store.pairs import build_pairs
+from feedback.store.votes import REGENERATE
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -30,8 +30,8 @@ from bot.scheduler import (
     should_train,
     training_readiness,
 )
-from feedback import service
-from feedback.pairs import is_heldout
+from feedback.store import service
+from feedback.store.pairs import is_heldout
 from smolcord.registry import AdapterRegistry
 from smolcord.settings import Settings
 
@@ -385,7 +385,7 @@ async def test_rollback_with_the_worker_down_says_it_will_pick_it_up(start_bot):
 async def test_daily_purge_deletes_what_is_past_retention(start_bot):
     from sqlalchemy import update
 
-    from feedback.models import Prompt
+    from feedback.store.models import Prompt
 
     async with start_bot(retention_days=7, worker=False) as world:
         cog = world.bot.get_cog("Training")

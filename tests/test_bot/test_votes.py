@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy import select
 from test_bot.test_chat import answer_to, ask, fast, replies_to, stored_prompts
 
-from feedback import service
-from feedback.export import export
-from feedback.models import Reaction
-from feedback.pairs import build_pairs
-from feedback.votes import REGENERATE
+from feedback.store import service
+from feedback.store.export import export
+from feedback.store.models import Reaction
+from feedback.store.pairs import build_pairs
+from feedback.store.votes import REGENERATE
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,7 +6,7 @@ model, a SQLite file, and `/smolcord retrain` running the real `python -m smolco
 process, which trains, gates, promotes v1 through the registry and tells the worker to serve it.
 The gate is opened wide (one held-out pair, a margin of -1): a handful of votes on a random tiny
 model cannot show a real improvement, and what is under test here is the plumbing between the
-parts (the gate has tests of its own in tests/test_feedback/test_train.py).
+parts (the gate has tests of its own in tests/test_feedback/test_training/test_train.py).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from test_bot.test_chat import answer_to, fast
 from test_bot.test_training_commands import run_command
 
 from bot.scheduler import training_readiness
-from feedback.models import Reaction
-from feedback.votes import REGENERATE
+from feedback.store.models import Reaction
+from feedback.store.votes import REGENERATE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

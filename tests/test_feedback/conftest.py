@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import delete
 from test_feedback.harness import TEST_DATABASE_URL, StoreHarness, sqlite_url
 
-from feedback.db import create_engine, sessionmaker, upgrade_to_head
-from feedback.models import Base
+from feedback.store.db import create_engine, sessionmaker, upgrade_to_head
+from feedback.store.models import Base
 from smolcord.settings import Settings
 
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import func, select, text
 
-from feedback import service
-from feedback.models import Base, Image, PromptImage
+from feedback.store import service
+from feedback.store.models import Base, Image, PromptImage
 from smolcord.images import NormalizedImage, normalize_image
 from smolcord.settings import Settings
 

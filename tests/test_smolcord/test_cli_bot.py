@@ -48,7 +48,7 @@ def test_without_a_token_it_says_how_to_get_one(command: str, tmp_path: Path) ->
 
 def test_bot_migrates_before_the_event_loop_starts(no_token: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import bot.main
-    import feedback.db
+    import feedback.store.db
 
     calls: list[str] = []
 
@@ -63,7 +63,7 @@ def test_bot_migrates_before_the_event_loop_starts(no_token: Path, monkeypatch: 
         calls.append("run_bot")
 
     monkeypatch.setenv("DISCORD_TOKEN", "a-token")
-    monkeypatch.setattr(feedback.db, "upgrade_to_head", upgrade)
+    monkeypatch.setattr(feedback.store.db, "upgrade_to_head", upgrade)
     monkeypatch.setattr(bot.main, "run_bot", run_bot)
     assert main(["bot"]) == 0
     assert calls == ["upgrade", "run_bot"]

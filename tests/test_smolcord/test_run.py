@@ -24,7 +24,7 @@ from fake_discord import FakeDiscord
 from PIL import Image
 
 from bot.main import API_BASE_ENV, GATEWAY_ENV, TOKEN_HELP
-from feedback.votes import REGENERATE
+from feedback.store.votes import REGENERATE
 from smolcord.supervisor import Supervisor, probe_worker
 
 pytestmark = pytest.mark.timeout(180)

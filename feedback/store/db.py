@@ -54,7 +54,7 @@ __all__ = [
 BUSY_TIMEOUT_MS = 30_000
 
 # alembic/ sits beside the packages (the project is installed editable), as alembic.ini says.
-ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
 
 
 def create_engine(url: str, *, for_migrations: bool = False, **kwargs: Any) -> AsyncEngine:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from feedback.errors import NotAVote
+from feedback.store.errors import NotAVote
 
 __all__ = [
     "DELETE",

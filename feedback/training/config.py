@@ -1,4 +1,4 @@
-"""The training job's three argument groups; every field documents itself (`python -m feedback.train --help`)."""
+"""The training job's three argument groups; every field documents itself (`python -m feedback.training --help`)."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ class TrainArguments:
 
 @dataclass
 class GateArguments:
-    """How the candidate is scored against current (feedback.gate)."""
+    """How the candidate is scored against current (feedback.training.gate)."""
 
     eval_batch_size: int = field(
         default=4,

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import update
 from test_feedback.harness import make_image
 
-from feedback import service
-from feedback.models import Image, OptedOutUser, Prompt, Reaction, Response, TrainingRunPair
-from feedback.pairs import build_pairs
+from feedback.store import service
+from feedback.store.models import Image, OptedOutUser, Prompt, Reaction, Response, TrainingRunPair
+from feedback.store.pairs import build_pairs
 
 
 async def test_forget_me_removes_prompts_answers_votes_and_unshared_images(store, settings):

@@ -2,14 +2,14 @@
 
 Rules, all applied here at build time (so a later opt-out or `/learning off` counts at once):
 
-- A vote counts if its prompt is eligible (feedback.eligibility: recorded `trainable`, its guild
+- A vote counts if its prompt is eligible (feedback.store.eligibility: recorded `trainable`, its guild
   still has learning on, its author has not opted out or been forgotten since, and the same holds
   for the source of every turn its history quotes; otherwise the whole prompt is left out, never
   a truncated history), the voter has not opted out or been forgotten either, and, where the
   guild names a voter role, the voter held that role when voting (the role recorded with the
   vote must be the one named now).
 - A user's vote on a response is (a 👍 present) − (a 👎 present); a response's score is the sum.
-- Responses are compared within a prompt key (same images, question and history: feedback.service
+- Responses are compared within a prompt key (same images, question and history: feedback.store.service
   .prompt_key), so a 🔁 alternative and the first answer form pairs, and so do answers to the same
   question asked twice. Every chosen (score > 0) × rejected (score < 0) whose texts differ is a
   pair; within a key, one pair per distinct (chosen text, rejected text).
@@ -55,10 +55,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from feedback.db import transaction
-from feedback.eligibility import eligible_prompt
-from feedback.models import GuildSettings, Image, OptedOutUser, Prompt, PromptImage, Reaction, Response
-from feedback.votes import THUMBS_DOWN_VARIANTS, THUMBS_UP_VARIANTS
+from feedback.store.db import transaction
+from feedback.store.eligibility import eligible_prompt
+from feedback.store.models import GuildSettings, Image, OptedOutUser, Prompt, PromptImage, Reaction, Response
+from feedback.store.votes import THUMBS_DOWN_VARIANTS, THUMBS_UP_VARIANTS
 
 if TYPE_CHECKING:
     from smolcord.settings import Settings

@@ -176,7 +176,7 @@ def score_versions(
     """Load the base as the worker does, then score the candidate and current merged into it."""
     from transformers import AutoModelForImageTextToText
 
-    from model.engine import resolve_device, resolve_dtype
+    from model.devices import resolve_device, resolve_dtype
 
     target = resolve_device(device)
     model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=resolve_dtype(dtype, target))

@@ -5,8 +5,8 @@ from collections import Counter
 
 from test_feedback.harness import GUILD, ROLE, make_image
 
-from feedback import service
-from feedback.pairs import build_pairs, build_rated_answers, cap_voter_share, is_heldout
+from feedback.store import service
+from feedback.store.pairs import build_pairs, build_rated_answers, cap_voter_share, is_heldout
 
 
 async def pairs_of(store, **overrides):

@@ -20,7 +20,7 @@ def _shown(url: str) -> str:
 
 def db_upgrade(settings: Settings) -> int:
     """`smolcord db upgrade`: create the data dir and migrate the store to head (before any event loop)."""
-    from feedback.db import upgrade_to_head
+    from feedback.store.db import upgrade_to_head
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     revision = upgrade_to_head(settings.db_url)
@@ -30,8 +30,8 @@ def db_upgrade(settings: Settings) -> int:
 
 def export(settings: Settings, out: Path, kind: str) -> int:
     """`smolcord export OUT.jsonl --kind pairs|unpaired`: migrate, then write the current data in trl's columns."""
-    from feedback import export as exporting
-    from feedback.db import create_engine, sessionmaker, upgrade_to_head
+    from feedback.store import export as exporting
+    from feedback.store.db import create_engine, sessionmaker, upgrade_to_head
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_to_head(settings.db_url)

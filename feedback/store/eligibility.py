@@ -10,8 +10,8 @@ A prompt is eligible when its own consent holds and so does that of every turn i
   quoted question, or the question a quoted answer answered) has its own consent by the same rule.
 
 A prompt that fails is left out whole: its history is never truncated to what would pass. Pair
-building (feedback.pairs), export and the status counts all use these, so the rule lives here only.
-Votes have rules of their own on top (voter opted out, voter role): see feedback.pairs.
+building (feedback.store.pairs), export and the status counts all use these, so the rule lives here only.
+Votes have rules of their own on top (voter opted out, voter role): see feedback.store.pairs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import ColumnElement, Select, and_, or_, select
 from sqlalchemy.orm import aliased
 
-from feedback.models import GuildSettings, HistoryTurn, OptedOutUser, Prompt
+from feedback.store.models import GuildSettings, HistoryTurn, OptedOutUser, Prompt
 
 if TYPE_CHECKING:
     from smolcord.settings import Settings

@@ -7,12 +7,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from feedback.train_data import store_call
-
 if TYPE_CHECKING:
-    from feedback.gate import GateScores, GateVerdict
-    from feedback.train_config import GateArguments, TrainArguments
-    from feedback.train_data import TrainingData
+    from feedback.training.config import GateArguments, TrainArguments
+    from feedback.training.data import TrainingData
+    from feedback.training.gate import GateScores, GateVerdict
+    from feedback.training.store import JobStore
     from smolcord.registry import AdapterRegistry
     from smolcord.settings import Settings
 
@@ -33,6 +32,7 @@ class Outcome:
 def publish_candidate(
     settings: Settings,
     registry: AdapterRegistry,
+    store: JobStore,
     *,
     save: Callable[[Path], Any],
     processor: Any,
@@ -52,9 +52,9 @@ def publish_candidate(
     after it, the version exists but `current` only moves in `promote`, checked against what the
     gate compared with.
     """
-    from feedback.gate import decide, score_versions
-    from feedback.train_data import with_images
-    from feedback.train_report import write_report
+    from feedback.training.data import with_images
+    from feedback.training.gate import decide, score_versions
+    from feedback.training.report import write_report
     from smolcord.registry import RegistryConflict
 
     current = registry.current()
@@ -92,7 +92,7 @@ def publish_candidate(
         except RegistryConflict as exc:
             metrics = registry.mark(version, status="rejected", reason=str(exc))
             promoted, message = False, f"{version}: {exc}"
-    _record_adapter(settings, version, run_id, metrics, promoted)
+    store.record_adapter(version=version, run_id=run_id, metrics=metrics, promoted=promoted)
     return Outcome(version, promoted, message, metrics, registry.path(version) / report.name)
 
 
@@ -108,7 +108,7 @@ def candidate_metrics(
     run_id: int | None,
 ) -> dict[str, Any]:
     """metrics.json of a candidate: the gate's numbers and verdict, the data's counts, the curves."""
-    from feedback.gate import finite_or_none
+    from feedback.training.gate import finite_or_none
 
     return {
         "method": method,
@@ -156,13 +156,6 @@ def tell_worker(settings: Settings, version: str | None) -> str:
         return f"the worker is not running: it serves {version or 'the base model'} when it starts"
     except WorkerError as exc:
         return f"the worker did not load {version or 'the base model'} ({exc}); it will when it restarts"
-
-
-def _record_adapter(
-    settings: Settings, version: str, run_id: int | None, metrics: dict[str, Any], promoted: bool
-) -> None:
-    store_call(settings, "record_adapter", version=version, run_id=run_id, metrics=metrics)
-    store_call(settings, "promote_adapter" if promoted else "reject_adapter", version=version)
 
 
 def _heldout_for_report(scores: GateScores) -> dict[str, dict[str, Any]]:

@@ -1,7 +1,7 @@
 """The feedback store's service functions: everything the bot and the trainer read or write.
 
 Every function takes an `AsyncSession` with no transaction open, and keyword arguments only; it
-runs one transaction and commits it, or raises a `feedback.errors.FeedbackError` (or lets a
+runs one transaction and commits it, or raises a `feedback.store.errors.FeedbackError` (or lets a
 database error through) having written nothing. Results are frozen dataclasses, never ORM
 objects, so nothing lazy-loads after the session is gone.
 
@@ -10,7 +10,7 @@ Privacy rules, in one place:
   `trainable` only if its guild had learning on and its author had not opted out when it was
   recorded, and never in a DM. Each history turn records its source (the prompt or response it
   quotes, and that source's author and guild). Pair building checks the guild and the users
-  again, for the prompt and for every quoted turn (feedback.eligibility).
+  again, for the prompt and for every quoted turn (feedback.store.eligibility).
 - Votes of opted-out or forgotten users are not stored from then on (their earlier votes stay
   stored while opted out, but never reach training; forgetting deletes them).
 - Deleting takes along everything that carries the deleted content: a prompt takes its answers,
@@ -45,8 +45,8 @@ from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from feedback.db import chunks, dialect_insert, transaction
-from feedback.errors import (
+from feedback.store.db import chunks, dialect_insert, transaction
+from feedback.store.errors import (
     AlreadyRecorded,
     ImageTooLarge,
     InvalidHistory,
@@ -55,7 +55,7 @@ from feedback.errors import (
     UnknownResponse,
     UnknownRun,
 )
-from feedback.models import (
+from feedback.store.models import (
     AdapterVersion,
     FollowUp,
     GuildRemoval,
@@ -72,10 +72,10 @@ from feedback.models import (
     TrainingRunPair,
     utcnow,
 )
-from feedback.votes import THUMBS_DOWN_VARIANTS, THUMBS_UP_VARIANTS, canonical_vote_emoji
+from feedback.store.votes import THUMBS_DOWN_VARIANTS, THUMBS_UP_VARIANTS, canonical_vote_emoji
 
 if TYPE_CHECKING:
-    from feedback.pairs import PreferencePair, RatedAnswer
+    from feedback.store.pairs import PreferencePair, RatedAnswer
     from smolcord.images import NormalizedImage
     from smolcord.settings import Settings
 
@@ -1361,7 +1361,7 @@ async def start_training_run(
     heldout_fraction: float,
 ) -> int:
     """Record a run as started with the pairs (DPO) or rated answers (KTO) it uses and their held-out split."""
-    from feedback.pairs import PreferencePair, is_heldout
+    from feedback.store.pairs import PreferencePair, is_heldout
 
     if method not in ("dpo", "kto"):
         raise ValueError(f"method must be 'dpo' or 'kto', not {method!r}")
@@ -1570,7 +1570,7 @@ async def list_adapters(session: AsyncSession) -> list[AdapterRecord]:
 
 async def store_stats(session: AsyncSession, *, settings: Settings) -> StoreStats:
     """Prompts, votes, pairs, new pairs still needed before the nightly run, and 👍 share per adapter version."""
-    from feedback.pairs import build_pairs
+    from feedback.store.pairs import build_pairs
 
     pairs = await build_pairs(session, settings=settings)
     fresh = await new_pairs(session, pairs=pairs)

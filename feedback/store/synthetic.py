@@ -90,9 +90,9 @@ async def _record(
     size: tuple[int, int],
     filler_words: int,
 ) -> SyntheticVotes:
-    from feedback import service
-    from feedback.db import create_engine, sessionmaker
-    from feedback.pairs import is_heldout
+    from feedback.store import service
+    from feedback.store.db import create_engine, sessionmaker
+    from feedback.store.pairs import is_heldout
 
     rng = random.Random(seed)
     names = list(COLOURS)

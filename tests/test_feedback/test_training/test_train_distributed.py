@@ -15,15 +15,21 @@ from typing import Any
 
 import pytest
 
-from feedback.db import upgrade_to_head
-from feedback.service import UnknownRun
-from feedback.train_data import store_call
-from feedback.train_synthetic import record_colour_votes
-from feedback.trainlock import training_running
+from feedback.store.db import upgrade_to_head
+from feedback.store.service import UnknownRun
+from feedback.store.synthetic import record_colour_votes
+from feedback.training.store import JobStore
 from smolcord.registry import AdapterRegistry
 from smolcord.settings import Settings
+from smolcord.trainlock import training_running
 
 CLOSED_PORT_URL = "http://127.0.0.1:9"  # nothing listens: the worker is down
+
+
+def read_store(settings: Settings, read: Any) -> Any:
+    """One read through the job's own store client, closed after it."""
+    with JobStore(settings) as store:
+        return read(store)
 
 
 def free_port() -> int:
@@ -71,8 +77,8 @@ def test_two_processes_train_once_and_only_the_main_one_publishes(
     assert not training_running(settings.locks_dir)
     assert list(settings.runs_dir.glob(".tmp-*")) == []
     statuses = ("running", "succeeded", "failed", "skipped")
-    last = store_call(settings, "last_training_run", statuses=statuses)
+    last = read_store(settings, lambda store: store.last_run(statuses=statuses))
     assert last is not None and last.status == "succeeded" and last.id == final["run_id"]
     assert last.id == 1  # a fresh store: the only run recorded
     with pytest.raises(UnknownRun):
-        store_call(settings, "get_training_run", run_id=2)
+        read_store(settings, lambda store: store.get_run(run_id=2))

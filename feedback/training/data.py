@@ -8,7 +8,6 @@ completion would silently train on nothing).
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,16 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from feedback.training.store import JobStore
     from smolcord.settings import Settings
 
 __all__ = [
     "Example",
     "TrainingData",
-    "close_stale_runs",
     "load_training_data",
     "measure",
     "split_by_length",
-    "store_call",
     "with_images",
 ]
 
@@ -85,12 +83,14 @@ class TrainingData:
         }
 
 
-def load_training_data(settings: Settings, *, method: str, processor: Any, limit: int) -> TrainingData:
+def load_training_data(
+    store: JobStore, settings: Settings, *, method: str, processor: Any, limit: int
+) -> TrainingData:
     """The store's pairs (and, for KTO, rated answers) now: split by prompt key, measured, filtered."""
-    from feedback.export import METADATA_COLUMNS, pair_row, rated_row
-    from feedback.pairs import is_heldout
+    from feedback.store.export import METADATA_COLUMNS, pair_row, rated_row
+    from feedback.store.pairs import is_heldout
 
-    pairs, rated = asyncio.run(_from_store(settings, with_rated=method == "kto"))
+    pairs, rated = store.pairs_and_rated(with_rated=method == "kto")
     missing = 0
 
     def examples(sources: Sequence[Any], kind: str) -> list[Example]:
@@ -119,20 +119,6 @@ def load_training_data(settings: Settings, *, method: str, processor: Any, limit
     kept_train, dropped_train = split_by_length(train, limit)
     kept_heldout, dropped_heldout = split_by_length(heldout, limit)
     return TrainingData(method, kept_train, kept_heldout, dropped_train + dropped_heldout, limit, missing)
-
-
-async def _from_store(settings: Settings, *, with_rated: bool) -> tuple[list[Any], list[Any]]:
-    from feedback.db import create_engine, sessionmaker
-    from feedback.pairs import build_pairs, build_rated_answers
-
-    engine = create_engine(settings.db_url)
-    try:
-        async with sessionmaker(engine)() as session:
-            pairs = await build_pairs(session, settings=settings)
-            rated = await build_rated_answers(session, settings=settings) if with_rated else []
-    finally:
-        await engine.dispose()
-    return pairs, rated
 
 
 def with_images(row: dict[str, Any]) -> dict[str, Any]:
@@ -172,31 +158,3 @@ def split_by_length(examples: Sequence[Example], limit: int) -> tuple[list[Examp
         ok = 0 < example.tokens <= limit and example.completion_tokens > 0
         (kept if ok else dropped).append(example)
     return kept, dropped
-
-
-# ------------------------------------------------------------------------------ the store, from sync code
-
-
-def store_call(settings: Settings, name: str, **kwargs: Any) -> Any:
-    """Run one feedback.service function in its own session and event loop (the job is synchronous)."""
-    import asyncio
-
-    from feedback import service
-    from feedback.db import create_engine, sessionmaker
-
-    async def call() -> Any:
-        engine = create_engine(settings.db_url)
-        try:
-            async with sessionmaker(engine)() as session:
-                return await getattr(service, name)(session, **kwargs)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(call())
-
-
-def close_stale_runs(settings: Settings) -> None:
-    """Runs still "running" while we hold the lock were killed: record them as failed."""
-    while (stale := store_call(settings, "last_training_run", statuses=("running",))) is not None:
-        store_call(settings, "finish_training_run", run_id=stale.id, status="failed",
-                    error="killed: still running when the next run started")  # fmt: skip

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from test_feedback.harness import TEST_DATABASE_URL, sqlite_only, sqlite_url
 
 from alembic import command
-from feedback.db import (
+from feedback.store.db import (
     ALEMBIC_DIR,
     alembic_config,
     create_engine,
@@ -20,7 +20,7 @@ from feedback.db import (
     upgrade_to_head,
     upgrade_to_head_async,
 )
-from feedback.models import Base
+from feedback.store.models import Base
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ import pytest
 from sqlalchemy import select, update
 from test_feedback.harness import CHANNEL, GUILD, make_image
 
-from feedback import service
-from feedback.eligibility import eligible_prompt_ids
-from feedback.errors import InvalidHistory, UnknownPrompt
-from feedback.export import export
-from feedback.models import GuildRemoval, GuildSettings, HistoryTurn, Image, Prompt, Response
-from feedback.pairs import build_pairs, build_rated_answers, left_out
+from feedback.store import service
+from feedback.store.eligibility import eligible_prompt_ids
+from feedback.store.errors import InvalidHistory, UnknownPrompt
+from feedback.store.export import export
+from feedback.store.models import GuildRemoval, GuildSettings, HistoryTurn, Image, Prompt, Response
+from feedback.store.pairs import build_pairs, build_rated_answers, left_out
 
 A, B, C = 101, 202, 303  # askers; voters below are 1 and 2
 

@@ -1,4 +1,5 @@
-"""The base model as the training job loads it: device, precision, 4-bit, free GPU memory, the LoRA targets.
+"""The model and the trainer: the base as the job loads it (device, precision, 4-bit, free GPU memory,
+the LoRA targets) and trl's DPO/KTO trainer around it.
 
 On CUDA, models of 1B parameters and more load in 4-bit NF4 (QLoRA) with gradient checkpointing;
 the vision tower, the connector and the LM head stay out of 4-bit (bitsandbytes wants their full
@@ -11,16 +12,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from feedback.training.config import TrainArguments
+    from feedback.training.data import TrainingData
 
 __all__ = [
     "LORA_MODULES",
     "ModelPlan",
     "NotEnoughGpuMemory",
+    "build_trainer",
     "check_gpu_memory",
     "completion_only_logprobs",
     "load_for_training",
@@ -73,7 +80,7 @@ def plan_model(
     """Read the config, build the model on the meta device (no memory) and decide how to load it."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from model.engine import resolve_device, resolve_dtype
+    from model.devices import resolve_device, resolve_dtype
 
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
@@ -153,7 +160,7 @@ def completion_only_logprobs(device: torch.device) -> Iterator[None]:
     trl (1.x) scores only the labelled positions where Triton runs and every position elsewhere, to keep
     the tile shapes of recompiling devices (Neuron) fixed. On a CPU that means projecting and
     normalising every prompt and image token for nothing: on this project's CPU benchmark a tiny-model
-    DPO step went from 0.28 to 0.17 s with the same log-probabilities (tests/test_feedback/test_train.py
+    DPO step went from 0.28 to 0.17 s with the same log-probabilities (tests/test_feedback/test_training/test_train.py
     checks they match). That module attribute decides only this (trl's kernels keep their own check);
     a trl without it changes nothing.
     """
@@ -202,3 +209,58 @@ def _choice(value: str, auto: bool) -> bool:
     if value in ("false", "no", "off", "0"):
         return False
     raise ValueError(f"expected auto, true or false, not {value!r}")
+
+
+# ------------------------------------------------------------------------------ the trainer
+
+
+def build_trainer(
+    method: str,
+    model: Any,
+    processor: Any,
+    data: TrainingData,
+    plan: ModelPlan,
+    hp: TrainArguments,
+    output_dir: Path,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """trl's DPOTrainer (or KTOTrainer) with a fresh LoRA on the text model; the reference is the base."""
+    from transformers import PrinterCallback
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+    from feedback.store.export import to_dataset
+
+    dataset = to_dataset(
+        [e.row for e in data.train], kind="pairs" if method == "dpo" else "unpaired", metadata=False
+    )
+    common: dict[str, Any] = dict(
+        output_dir=str(output_dir), learning_rate=hp.learning_rate, num_train_epochs=hp.num_train_epochs,
+        max_steps=hp.max_steps, per_device_train_batch_size=hp.per_device_train_batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps, beta=hp.beta, seed=hp.seed,
+        max_length=data.max_length,  # the longest kept example: trl's truncation never cuts anything
+        gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
+        bf16=plan.device.type == "cuda", use_cpu=plan.device.type == "cpu", logging_steps=1,
+        save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    config: Any
+    trainer_class: Any
+    if method == "dpo":
+        losses: dict[str, Any] = {}
+        if hp.sft_weight:  # RPO: DPO's loss plus an NLL term on the chosen answers
+            losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, hp.sft_weight]}
+        config, trainer_class = DPOConfig(**common, **losses), DPOTrainer
+    else:
+        # KTO samples in order (its KL term pairs neighbours): shuffle once, seeded; weigh 👍 and 👎 alike.
+        dataset = dataset.shuffle(seed=hp.seed)
+        liked = sum(bool(e.row["label"]) for e in data.train)
+        disliked = len(data.train) - liked
+        weight = liked / disliked if liked and disliked else 1.0
+        config, trainer_class = KTOConfig(**common, undesirable_weight=weight), KTOTrainer
+    trainer = trainer_class(
+        model=model, args=config, train_dataset=dataset, processing_class=processor,
+        peft_config=lora_config(plan, r=hp.lora_r, alpha=hp.lora_alpha), callbacks=list(callbacks),
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+    return trainer

@@ -1,6 +1,6 @@
 """The training job end to end on the tiny model: store -> DPO/KTO -> gate -> registry -> worker.
 
-The votes are synthetic but real (feedback.train_synthetic records them through the store's
+The votes are synthetic but real (feedback.store.synthetic records them through the store's
 service functions): each prompt shows a colour, the 👍 answer names it and the 👎 answer names
 another, so only a model that looks at the image can learn the preference. One adapter is
 trained per module (`trained`) and shared; the gate, corrupt-adapter and --force tests reuse its
@@ -26,36 +26,50 @@ from typing import Any
 import pytest
 import torch
 
-from feedback.db import upgrade_to_head
-from feedback.gate import GateScores, HeldoutScore, ProbeScore, decide, is_degenerate, preference_score
-from feedback.train import (
+from feedback.store.db import upgrade_to_head
+from feedback.store.synthetic import record_colour_votes
+from feedback.training.config import GateArguments, RunArguments, TrainArguments
+from feedback.training.data import load_training_data
+from feedback.training.gate import (
+    GateScores,
+    HeldoutScore,
+    ProbeScore,
+    decide,
+    is_degenerate,
+    preference_score,
+)
+from feedback.training.job import (
     EXIT_ALREADY_RUNNING,
     EXIT_PROMOTED,
     EXIT_REJECTED,
     EXIT_TOO_FEW,
-    build_trainer,
     run,
 )
-from feedback.train_config import GateArguments, RunArguments, TrainArguments
-from feedback.train_data import load_training_data, store_call
-from feedback.train_model import (
+from feedback.training.publish import publish_candidate
+from feedback.training.store import JobStore
+from feedback.training.trainer import (
     NotEnoughGpuMemory,
+    build_trainer,
     check_gpu_memory,
     completion_only_logprobs,
     load_for_training,
     plan_model,
 )
-from feedback.train_publish import publish_candidate
-from feedback.train_synthetic import record_colour_votes
-from feedback.trainlock import AlreadyRunning, training_lock, training_running
 from smolcord.registry import AdapterRegistry
 from smolcord.settings import Settings
+from smolcord.trainlock import AlreadyRunning, training_lock, training_running
 
 PROMPTS = 40  # 0.25 held out by prompt key: 10 held-out pairs, 30 to train on
 # Loud enough for the tiny model to learn the colours in 8 steps (the defaults suit real models); the
 # NLL term on the chosen answers (RPO) makes it answer "It is red." and stop instead of looping "red red".
 FAST = TrainArguments(learning_rate=1e-2, num_train_epochs=1, per_device_train_batch_size=4, sft_weight=1.0)
 CLOSED_PORT_URL = "http://127.0.0.1:9"  # nothing listens: the worker is down
+
+
+def read_store(settings: Settings, read: Any) -> Any:
+    """One read through the job's own store client, closed after it."""
+    with JobStore(settings) as store:
+        return read(store)
 
 
 def make_settings(data_dir: Path, model_dir: Path, **overrides: Any) -> Settings:
@@ -168,9 +182,9 @@ def colour_data(colour_store: Path, tiny_model_dir: Path) -> tuple[Any, Any]:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    data = load_training_data(
-        make_settings(colour_store, tiny_model_dir), method="dpo", processor=processor, limit=2048
-    )
+    settings = make_settings(colour_store, tiny_model_dir)
+    with JobStore(settings) as store:
+        data = load_training_data(store, settings, method="dpo", processor=processor, limit=2048)
     return processor, data
 
 
@@ -222,10 +236,10 @@ def test_dpo_run_learns_the_colours_and_is_promoted_and_served(
     assert "serves v1" in final["worker"]
 
     # The run and every pair it used are in the store, held-out ones marked.
-    run_view = store_call(trained.settings, "get_training_run", run_id=final["run_id"])
+    run_view = read_store(trained.settings, lambda store: store.get_run(run_id=final["run_id"]))
     assert (run_view.status, run_view.adapter_version) == ("succeeded", "v1")
     assert (run_view.pairs, run_view.heldout) == (PROMPTS, metrics["heldout_pairs"])
-    [record] = store_call(trained.settings, "list_adapters")
+    [record] = read_store(trained.settings, JobStore.list_adapters)
     assert (record.version, record.status, record.run_id) == ("v1", "promoted", final["run_id"])
 
 
@@ -270,7 +284,7 @@ def test_a_candidate_trained_on_reversed_labels_is_rejected(tmp_path: Path, tiny
     assert metrics["heldout_accuracy"] < 0.5
     assert "not above" in " ".join(metrics["gate"]["reasons"])
     assert final["worker"].startswith("not told")
-    assert store_call(settings, "list_adapters")[0].status == "rejected"
+    assert read_store(settings, JobStore.list_adapters)[0].status == "rejected"
 
 
 @pytest.mark.slow
@@ -289,7 +303,7 @@ def test_kto_trains_on_rated_answers(colour_store: Path, tmp_path: Path, tiny_mo
     assert metrics["data"]["train_answers"] > metrics["data"]["heldout_pairs"] > 0
     tensors = load_file(settings.adapters_dir / "v1" / "adapter_model.safetensors")
     assert all(t.abs().max() > 0 for key, t in tensors.items() if "lora_B" in key)
-    run_view = store_call(settings, "get_training_run", run_id=final["run_id"])
+    run_view = read_store(settings, lambda store: store.get_run(run_id=final["run_id"]))
     assert run_view.method == "kto" and run_view.status == "succeeded"
 
 
@@ -327,7 +341,7 @@ def test_completion_tokens_survive_collation(
 def test_too_long_examples_are_dropped_and_counted_never_cut(colour_data: tuple[Any, Any]) -> None:
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
-    from feedback.train_data import split_by_length, with_images
+    from feedback.training.data import split_by_length, with_images
 
     processor, data = colour_data
     examples = data.train + data.heldout
@@ -362,7 +376,9 @@ def test_dry_run_prints_the_counts_and_trains_nothing(
     settings = make_settings(data_dir, tiny_model_dir)
     assert registry_of(settings).versions() == []
     assert (
-        store_call(settings, "last_training_run", statuses=("running", "succeeded", "failed", "skipped"))
+        read_store(
+            settings, lambda store: store.last_run(statuses=("running", "succeeded", "failed", "skipped"))
+        )
         is None
     )
 
@@ -376,7 +392,7 @@ def test_too_few_pairs_exit_cleanly(tmp_path: Path, tiny_model_dir: Path) -> Non
     [final] = lines_of(out)
     assert final["verdict"] == "skipped" and "too few" in final["message"]
     assert registry_of(settings).versions() == []
-    last = store_call(settings, "last_training_run", statuses=("skipped",))
+    last = read_store(settings, lambda store: store.last_run(statuses=("skipped",)))
     assert last is not None and last.pairs == 0
 
 
@@ -393,10 +409,11 @@ def test_too_few_heldout_pairs_need_force(
     registry = registry_of(settings)
 
     def publish(force: bool) -> Any:
-        return publish_candidate(
-            settings, registry, save=lambda path: shutil.copytree(trained.adapter, path, dirs_exist_ok=True),
-            processor=processor, data=data, method="dpo", hp=FAST, gate=GateArguments(), force=force,
-        )  # fmt: skip
+        with JobStore(settings) as store:
+            return publish_candidate(
+                settings, registry, store, save=lambda path: shutil.copytree(trained.adapter, path, dirs_exist_ok=True),
+                processor=processor, data=data, method="dpo", hp=FAST, gate=GateArguments(), force=force,
+            )  # fmt: skip
 
     refused = publish(force=False)
     assert not refused.promoted and "held-out pairs" in refused.message
@@ -429,10 +446,11 @@ def test_a_corrupt_adapter_is_refused_even_with_force(
             tensors = {k: torch.full_like(v, float("nan")) for k, v in load_file(weights).items()}
             save_file(tensors, weights)
 
-    outcome = publish_candidate(
-        settings, registry, save=save_corrupt, processor=processor, data=data, method="dpo", hp=FAST,
-        gate=GateArguments(), force=True,
-    )  # fmt: skip
+    with JobStore(settings) as store:
+        outcome = publish_candidate(
+            settings, registry, store, save=save_corrupt, processor=processor, data=data, method="dpo", hp=FAST,
+            gate=GateArguments(), force=True,
+        )  # fmt: skip
     assert not outcome.promoted and "refused" in outcome.message
     assert registry.current() == "v1"
     assert outcome.metrics["gate"]["error"]
@@ -450,9 +468,9 @@ def test_killed_while_publishing_leaves_no_version_and_current_unmoved(
         shutil.copytree(trained.adapter, path, dirs_exist_ok=True)
         raise SystemExit(143)  # what SIGTERM becomes inside a run
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit), JobStore(settings) as store:
         publish_candidate(
-            settings, registry, save=save_then_die, processor=processor, data=data, method="dpo", hp=FAST,
+            settings, registry, store, save=save_then_die, processor=processor, data=data, method="dpo", hp=FAST,
             gate=GateArguments(),
         )  # fmt: skip
     assert registry.versions() == ["v1"] and registry.current() == "v1"
@@ -540,14 +558,14 @@ def test_a_killed_run_leaves_nothing_behind_and_the_next_run_works(
     registry = registry_of(settings)
     assert registry.versions() == [] and registry.current() is None
     assert not training_running(settings.locks_dir)  # the OS dropped the flock with the process
-    killed = store_call(settings, "last_training_run", statuses=("running",))
+    killed = read_store(settings, lambda store: store.last_run(statuses=("running",)))
     assert killed is not None
 
     out = io.StringIO()
     code = run(settings, RunArguments(progress="json"), replace(FAST, max_steps=2), stdout=out)
     assert code in (EXIT_PROMOTED, EXIT_REJECTED), lines_of(out)[-1]
     assert registry.versions() == ["v1"]
-    assert store_call(settings, "get_training_run", run_id=killed.id).status == "failed"
+    assert read_store(settings, lambda store: store.get_run(run_id=killed.id)).status == "failed"
     assert list(settings.runs_dir.glob(".tmp-*")) == []
 
 

@@ -3,9 +3,9 @@
 import pytest
 from test_feedback.harness import GUILD
 
-from feedback import service
-from feedback.errors import UnknownRun
-from feedback.pairs import build_pairs, build_rated_answers, is_heldout
+from feedback.store import service
+from feedback.store.errors import UnknownRun
+from feedback.store.pairs import build_pairs, build_rated_answers, is_heldout
 
 
 async def contested(store, question, *, version=None):

@@ -7,9 +7,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 from test_feedback.harness import sqlite_only
 
-from feedback import service
-from feedback.db import BUSY_TIMEOUT_MS, create_engine, sessionmaker
-from feedback.models import Image, Reaction
+from feedback.store import service
+from feedback.store.db import BUSY_TIMEOUT_MS, create_engine, sessionmaker
+from feedback.store.models import Image, Reaction
 
 WRITES = 600  # the issue asks for 200+
 

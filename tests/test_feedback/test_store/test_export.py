@@ -4,9 +4,9 @@ import json
 
 from test_feedback.harness import make_image
 
-from feedback import service
-from feedback.export import METADATA_COLUMNS, export, pair_row, rated_row, to_dataset
-from feedback.pairs import build_pairs, build_rated_answers
+from feedback.store import service
+from feedback.store.export import METADATA_COLUMNS, export, pair_row, rated_row, to_dataset
+from feedback.store.pairs import build_pairs, build_rated_answers
 from smolcord.cli import main
 
 
@@ -114,8 +114,8 @@ def test_cli_export_says_how_many_rows_it_left_out_and_why(settings, tmp_path, c
 
     from test_feedback.harness import StoreHarness
 
-    from feedback.commands import export as export_command
-    from feedback.db import create_engine, sessionmaker
+    from feedback.store.commands import export as export_command
+    from feedback.store.db import create_engine, sessionmaker
 
     async def fill():
         engine = create_engine(settings.db_url)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from feedback.pairs import (
+from feedback.store.pairs import (
     PreferencePair,
     RatedAnswer,
     build_pairs,
@@ -174,9 +174,8 @@ class ExportReport:
     heldout: int  # rows whose prompt key falls in the held-out split
     prompts: int  # distinct prompt keys
     skipped: int  # rows left out because an image file is missing
-    left_out_consent: int = (
-        0  # rows the votes would give that consent rules leave out (feedback.pairs.left_out)
-    )
+    # rows the votes would give that consent rules leave out (feedback.store.pairs.left_out)
+    left_out_consent: int = 0
     left_out_voter_share: int = 0  # rows the voter-share cap dropped
 
     def left_out_line(self) -> str | None:

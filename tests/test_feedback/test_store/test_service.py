@@ -6,8 +6,8 @@ import pytest
 from sqlalchemy import select
 from test_feedback.harness import CHANNEL, GUILD, ROLE, make_image, png_bytes
 
-from feedback import service
-from feedback.errors import (
+from feedback.store import service
+from feedback.store.errors import (
     AlreadyRecorded,
     ImageTooLarge,
     InvalidHistory,
@@ -16,8 +16,8 @@ from feedback.errors import (
     UnknownPrompt,
     UnknownResponse,
 )
-from feedback.models import Image, Prompt, PromptImage, Reaction, Response, ResponseMessage
-from feedback.votes import action_of, vote_value
+from feedback.store.models import Image, Prompt, PromptImage, Reaction, Response, ResponseMessage
+from feedback.store.votes import action_of, vote_value
 from smolcord.images import image_path
 
 

@@ -1,0 +1,1 @@
+"""The training job (torch): pairs from the store -> a LoRA candidate -> the gate -> the registry -> the worker."""
