@@ -41,7 +41,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import case, delete, false, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -462,6 +462,9 @@ async def record_prompt(
     key = prompt_key(image_hashes=[image.sha256 for image in accepted], question=question, history=turns)
 
     async with transaction(session):
+        # Sources are checked and the prompt written under one lock: a deletion of a quoted row
+        # either finished before (the source is gone: refused) or waits and then finds this prompt.
+        await _hold_writes(session)
         kind = None if message_id is None else await _message_kind(session, message_id)
         if kind is not None and message_id is not None:
             raise AlreadyRecorded(message_id, kind)
@@ -997,8 +1000,11 @@ async def _delete_everything_of(
     # (a reply to an answer or to a question, however far down the chain: each quotes the one
     # before); an /ask question (no message of its own) whose last answer goes.
     frontier_prompts, frontier_responses = set(prompts), set(responses)
+    await _hold_writes(session)
     while frontier_prompts or frontier_responses:
+        await _lock_rows(session, Prompt.id, frontier_prompts)
         more_responses = await _ids(session, Response.id, Response.prompt_id, frontier_prompts) - responses
+        await _lock_rows(session, Response.id, frontier_responses | more_responses)
         responses |= more_responses
         frontier_responses |= more_responses
         more_prompts = (
@@ -1033,6 +1039,29 @@ async def _delete_everything_of(
         reactions=reactions,
         images=tuple(sorted(removed_images)),
     )
+
+
+async def _hold_writes(session: AsyncSession) -> None:
+    """On SQLite, take the database's write lock now, before a deletion reads what quotes its rows.
+
+    The driver begins a transaction only at the first write; until then a prompt quoting a row
+    being deleted could be committed after the closure was read and survive with the quoted words.
+    A write that changes nothing takes the lock (other writers wait on the busy timeout).
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        await session.execute(update(Prompt).where(false()).values(key=Prompt.key))
+
+
+async def _lock_rows(session: AsyncSession, column: Any, ids: set[int]) -> None:
+    """Row-lock what is about to be deleted (PostgreSQL; SQLite holds its write lock already).
+
+    A prompt recorded concurrently that quotes one of these rows then either committed before (and
+    the closure, read next, finds it) or waits and fails its foreign key (UnknownPrompt: refused).
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        return
+    for batch in chunks(sorted(ids)):
+        await session.execute(select(column).where(column.in_(batch)).with_for_update())
 
 
 async def _unanswered_slash_prompts(session: AsyncSession, frontier: set[int], deleted: set[int]) -> set[int]:

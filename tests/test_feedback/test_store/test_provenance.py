@@ -1,10 +1,12 @@
 """Quoted history: where each turn came from, who may train on it, and deletions that reach every copy."""
 
+import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select, update
-from test_feedback.harness import CHANNEL, GUILD, make_image
+from test_feedback.harness import CHANNEL, GUILD, make_image, sqlite_only
 
 from feedback.store import service
 from feedback.store.eligibility import eligible_prompt_ids
@@ -292,3 +294,28 @@ async def test_at_start_guilds_present_cancel_and_guilds_missing_schedule(store,
     assert (cancelled, scheduled) == (1, 1)
     async with store.sessions() as session:
         assert list(await session.scalars(select(GuildRemoval.guild_id))) == [gone]
+
+
+@sqlite_only
+async def test_a_reply_recorded_while_its_source_is_being_deleted_never_keeps_the_words(
+    store, settings, monkeypatch
+):
+    question_message = store.new_id()
+    await store.prompt("A's racing secret", author_id=A, message_id=question_message, images=[])
+    talk = await conversation(store, question_message)
+    recording: list[asyncio.Task] = []
+    closure_step = service._unanswered_slash_prompts
+
+    async def record_meanwhile(session, frontier, deleted):
+        if not recording:  # what quotes the question was read: B's reply is recorded now, concurrently
+            reply = store.prompt("B's reply", author_id=B, history=talk.turns, images=[])
+            recording.append(asyncio.create_task(reply))
+            await asyncio.sleep(0.5)  # long enough for it to commit, were it not held back
+        return await closure_step(session, frontier, deleted)
+
+    monkeypatch.setattr(service, "_unanswered_slash_prompts", record_meanwhile)
+    await store.call(service.delete_message, settings=settings, message_id=question_message)
+    with contextlib.suppress(UnknownPrompt):  # it waited for the deletion, then found its source gone
+        await recording[0]
+    assert await stored_text_anywhere(store, "A's racing secret") == []
+    assert await store.orphans() == []
