@@ -32,7 +32,7 @@ from bot.conversation import (
     worker_messages,
 )
 from bot.limits import ChannelPacer, Cooldown, InflightLimit
-from bot.notices import ConsentNotices, RecentAnswers, consent_text
+from bot.notices import ConsentNotices, RecentAnswers, consent_text, notice_state
 from bot.text import CURSOR, footer, served_version, split_message
 from feedback.store import service
 from feedback.store.errors import FeedbackError
@@ -56,6 +56,7 @@ class Destination(Protocol):
     """Where an answer is posted: its first message, continuation chunks, and a typing indicator."""
 
     channel_id: int
+    parent_channel_id: int | None  # a thread's channel (its deletion takes the thread's data along)
 
     async def post(self, content: str, *, first: bool) -> discord.Message: ...
 
@@ -68,6 +69,7 @@ class ReplyDestination:
     def __init__(self, channel: discord.abc.Messageable, channel_id: int, reply_to: int | None) -> None:
         self.channel = channel
         self.channel_id = channel_id
+        self.parent_channel_id = channel.parent_id if isinstance(channel, discord.Thread) else None
         self.reply_to = reply_to
 
     async def post(self, content: str, *, first: bool) -> discord.Message:
@@ -93,6 +95,8 @@ class InteractionDestination:
     def __init__(self, interaction: discord.Interaction) -> None:
         self.interaction = interaction
         self.channel_id = interaction.channel_id or 0
+        channel = interaction.channel
+        self.parent_channel_id = channel.parent_id if isinstance(channel, discord.Thread) else None
 
     async def post(self, content: str, *, first: bool) -> discord.Message:
         return await self.interaction.followup.send(
@@ -328,6 +332,7 @@ class Answerer:
                     images=[image for image in asked.images if not isinstance(image, service.StoredImage)],
                     history=asked.history,
                     parent_response_id=parent_response_id,
+                    parent_channel_id=destination.parent_channel_id,
                 )
             response_id = await self._record_response(
                 prompt.id, result, version, display, sampling, latency_ms, author_id, regenerated=False
@@ -503,20 +508,22 @@ class Answerer:
     async def post_consent_notice(
         self, destination: Destination, guild_id: int | None, channel_id: int
     ) -> None:
-        """Say once per channel what is kept and whether this server's votes may train the model."""
-        if not self.notices.due(channel_id):
-            return
+        """Say what is kept and whether this server's votes may train the model: in each channel's first
+        answer, and again in the next answer after the server's learning changed (`/learning`)."""
         learning = False
         if guild_id is not None:
             async with self.bot.sessions() as session:
                 consent = await service.get_guild_settings(session, settings=self.settings, guild_id=guild_id)
             learning = consent.learning
+        state = notice_state(in_dm=guild_id is None, learning=learning)
+        if not self.notices.due(channel_id, state):
+            return
         try:
             await destination.post(consent_text(in_dm=guild_id is None, learning=learning), first=False)
         except discord.HTTPException as exc:
             log.warning("could not post the consent notice in channel %s (%s)", channel_id, exc.status)
             return
-        self.notices.mark(channel_id)
+        await self.notices.mark(channel_id, state)
 
     # ------------------------------------------------------------------ deleting
 

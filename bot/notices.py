@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -31,6 +32,11 @@ def consent_text(*, in_dm: bool, learning: bool) -> str:
     )
 
 
+def notice_state(*, in_dm: bool, learning: bool) -> str:
+    """What a channel's notice said about learning: "dm", "on" or "off" (a change means telling again)."""
+    return "dm" if in_dm else ("on" if learning else "off")
+
+
 def _write_json(path: Path, data: Any) -> None:
     """Write atomically: a crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,18 +56,31 @@ def _read_json(path: Path, default: Any) -> Any:
 
 
 class ConsentNotices:
-    """The channels where the consent notice was posted (in memory, and in the data dir across restarts)."""
+    """The learning state each channel's consent notice last stated (in memory, and in the data dir across restarts).
+
+    The file is written off the event loop, one write at a time, each with the latest state.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._channels: set[int] = {int(c) for c in _read_json(path, [])}
+        stored = _read_json(path, {})
+        # A list is the older file (channels told, state not recorded): told again once.
+        self._told: dict[int, str] = (
+            {int(channel): str(state) for channel, state in stored.items()}
+            if isinstance(stored, dict)
+            else {}
+        )
+        self._writing = asyncio.Lock()
 
-    def due(self, channel_id: int) -> bool:
-        return channel_id not in self._channels
+    def due(self, channel_id: int, state: str) -> bool:
+        """Whether this channel has not been told this state yet (never told, or learning changed since)."""
+        return self._told.get(channel_id) != state
 
-    def mark(self, channel_id: int) -> None:
-        self._channels.add(channel_id)
-        _write_json(self.path, sorted(self._channels))
+    async def mark(self, channel_id: int, state: str) -> None:
+        self._told[channel_id] = state
+        async with self._writing:
+            snapshot = {str(channel): told for channel, told in sorted(self._told.items())}
+            await asyncio.to_thread(_write_json, self.path, snapshot)
 
 
 class RecentAnswers:

@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     learning_default: bool = False
     max_voter_share: float = Field(default=0.5, gt=0, le=1)
     retention_days: int = Field(default=90, ge=1)
+    # After the bot is removed from a server, its data waits this long (a re-invite keeps it), then goes.
+    guild_grace_days: int = Field(default=7, ge=0)
     train_at: str | None = "03:00"  # HH:MM UTC; "off" disables the nightly run
     min_new_pairs: int = Field(default=16, ge=0)
     heldout_fraction: float = Field(default=0.2, gt=0, lt=1)

@@ -70,7 +70,7 @@ FLAG_SUPPRESS_NOTIFICATIONS = 1 << 12
 EDITABLE_FLAGS = FLAG_SUPPRESS_EMBEDS
 
 # Channel types, message types, interaction (callback) types.
-CHANNEL_TEXT, CHANNEL_DM = 0, 1
+CHANNEL_TEXT, CHANNEL_DM, CHANNEL_PUBLIC_THREAD = 0, 1, 11
 MESSAGE_DEFAULT, MESSAGE_REPLY, MESSAGE_CHAT_INPUT = 0, 19, 20
 INTERACTION_COMMAND, INTERACTION_COMPONENT = 2, 3
 CALLBACK_MESSAGE, CALLBACK_DEFERRED_MESSAGE, CALLBACK_DEFERRED_UPDATE, CALLBACK_UPDATE = 4, 5, 6, 7
@@ -237,6 +237,7 @@ class FakeGuild:
     channels: dict[int, dict[str, Any]] = field(default_factory=dict)
     roles: dict[int, dict[str, Any]] = field(default_factory=dict)
     members: dict[int, dict[str, Any]] = field(default_factory=dict)
+    threads: dict[int, dict[str, Any]] = field(default_factory=dict)  # active threads, by id
     bot_present: bool = True
 
     def channel(self, name: str | None = None) -> dict[str, Any]:
@@ -753,6 +754,67 @@ class FakeDiscord:
         guild.members[user.id] = member
         return member
 
+    def add_thread(
+        self, channel: Any, name: str = "thread", *, owner: FakeUser | None = None
+    ) -> dict[str, Any]:
+        """A public thread in a guild text ``channel`` (THREAD_CREATE when the bot is connected)."""
+        parent = self._channel(channel)
+        guild = self._guild_of(parent)
+        if guild is None:
+            raise ValueError("threads live in guild channels")
+        thread_id = self._ids.next()
+        thread = {
+            "id": str(thread_id),
+            "type": CHANNEL_PUBLIC_THREAD,
+            "guild_id": str(guild.id),
+            "parent_id": parent["id"],
+            "owner_id": str((owner or self.owner).id),
+            "name": name,
+            "last_message_id": None,
+            "rate_limit_per_user": 0,
+            "message_count": 0,
+            "member_count": 1,
+            "flags": 0,
+            "thread_metadata": {
+                "archived": False,
+                "auto_archive_duration": 1440,
+                "archive_timestamp": _now_iso(),
+                "locked": False,
+            },
+        }
+        guild.threads[thread_id] = thread
+        self._channels[thread_id] = thread
+        if guild.bot_present:
+            self._emit("THREAD_CREATE", {**thread, "newly_created": True})
+        return thread
+
+    async def delete_channel(self, channel: Any) -> None:
+        """A moderator deletes a channel (CHANNEL_DELETE) or a thread (THREAD_DELETE).  Deleting a
+        channel removes its threads too, as on Discord, without an event of their own."""
+        self._mark = len(self.actions)
+        found = self._channel(channel)
+        guild = self._guild_of(found)
+        if guild is None:
+            raise ValueError("only guild channels and threads can be deleted")
+        channel_id = int(found["id"])
+        if found["type"] == CHANNEL_PUBLIC_THREAD:
+            guild.threads.pop(channel_id, None)
+            payload = {
+                "id": found["id"],
+                "guild_id": str(guild.id),
+                "parent_id": found["parent_id"],
+                "type": found["type"],
+            }
+            self._emit("THREAD_DELETE", payload)
+        else:
+            guild.channels.pop(channel_id, None)
+            for thread_id in [t for t, thread in guild.threads.items() if thread["parent_id"] == found["id"]]:
+                del guild.threads[thread_id]
+                self._channels.pop(thread_id, None)
+            self._emit("CHANNEL_DELETE", found)
+        self._channels.pop(channel_id, None)
+        await self.flush()
+
     def dm_channel(self, user: FakeUser) -> dict[str, Any]:
         """The DM channel between ``user`` and the bot (type 1), created on first use."""
         channel = self.dm_channels.get(user.id)
@@ -1052,6 +1114,23 @@ class FakeDiscord:
         self._remove_bot_from(guild)
         await self.flush()
 
+    async def rejoin_guild(self, guild: FakeGuild) -> None:
+        """The bot is invited back into ``guild`` it was removed from (GUILD_CREATE: discord.py's on_guild_join)."""
+        self._mark = len(self.actions)
+        if guild.bot_present:
+            raise ValueError(f"the bot is in {guild.name!r} already")
+        bot_role = next(
+            r for r in guild.roles.values() if r.get("tags", {}).get("bot_id") == str(self.bot_user.id)
+        )
+        guild.bot_present = True
+        self.add_member(guild, self.bot_user, roles=[int(bot_role["id"])])
+        for session in self._live_sessions():
+            # a join carries no "unavailable" (False means an outage ended: discord.py's on_guild_available)
+            payload = self._guild_create_json(guild, session.intents)
+            payload.pop("unavailable", None)
+            self._emit_to(session, "GUILD_CREATE", payload)
+        await self.flush()
+
     async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Wait until every connected socket has been sent everything dispatched so far."""
         for conn in list(self._connections):
@@ -1221,7 +1300,7 @@ class FakeDiscord:
             "roles": list(guild.roles.values()),
             "channels": [{k: v for k, v in c.items() if k != "guild_id"} for c in guild.channels.values()],
             "members": members,
-            "threads": [],
+            "threads": list(guild.threads.values()),
             "presences": [],
             "voice_states": [],
             "emojis": [],
@@ -1818,7 +1897,7 @@ class FakeDiscord:
             return INTENT_GUILD_MESSAGES if in_guild else INTENT_DIRECT_MESSAGES
         if event.startswith("GUILD_MEMBER_") and event != "GUILD_MEMBERS_CHUNK":
             return INTENT_GUILD_MEMBERS
-        if event.startswith(("GUILD_", "CHANNEL_")) and event != "GUILD_MEMBERS_CHUNK":
+        if event.startswith(("GUILD_", "CHANNEL_", "THREAD_")) and event != "GUILD_MEMBERS_CHUNK":
             return INTENT_GUILDS
         return 0
 

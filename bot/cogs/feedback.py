@@ -1,9 +1,11 @@
 """Votes: 👍 / 👎 on answers into the store, 🔁 for another answer, 🗑️ to delete one, deletions and reconciling.
 
 Raw events only (they arrive for messages that are not cached, and after restarts); each handler
-returns early on anything that is not a vote or an action on a stored answer. After the bot leaves a
-guild its events are ignored (Discord stops sending them anyway; a late one is dropped), and what
-was stored there stays until the retention period, /privacy forget-me or a deletion removes it.
+returns early on anything that is not a vote or an action on a stored answer. A deleted channel or
+thread takes what was stored there along. After the bot leaves a guild its events are ignored
+(Discord stops sending them anyway; a late one is dropped), and what was stored there is deleted
+after SMOLCORD_GUILD_GRACE_DAYS unless the bot is invited back first (the deadline is stored, so
+a restart keeps it; at start, guilds the bot left while offline are scheduled too).
 """
 
 from __future__ import annotations
@@ -215,16 +217,40 @@ class Feedback(commands.Cog):
         except FeedbackError as exc:
             log.warning("could not delete what was stored of message %s (%s)", message_id, type(exc).__name__)
 
+    @commands.Cog.listener()
+    async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
+        await self._channel_gone(channel.id)  # its threads too: Discord sends no event for them
+
+    @commands.Cog.listener()
+    async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
+        await self._channel_gone(payload.thread_id)
+
+    async def _channel_gone(self, channel_id: int) -> None:
+        try:
+            async with self.bot.sessions() as session:
+                deletion = await service.delete_channel(
+                    session, settings=self.settings, channel_id=channel_id
+                )
+        except FeedbackError as exc:
+            log.warning("could not delete what was stored of channel %s (%s)", channel_id, type(exc).__name__)
+            return
+        self.answerer.recent.forget(set(deletion.response_ids))
+
     # ------------------------------------------------------------------ guilds
 
     @commands.Cog.listener()
     async def on_guild_remove(self, guild: discord.Guild) -> None:
         self.departed.add(guild.id)
-        log.info("removed from guild %s: no longer collecting there", guild.id)
+        async with self.bot.sessions() as session:
+            due = await service.schedule_guild_deletion(session, settings=self.settings, guild_id=guild.id)
+        log.info("removed from guild %s: no longer collecting there; its data goes after %s", guild.id, due)
 
     @commands.Cog.listener()
     async def on_guild_join(self, guild: discord.Guild) -> None:
         self.departed.discard(guild.id)
+        async with self.bot.sessions() as session:
+            if await service.cancel_guild_deletion(session, guild_id=guild.id):
+                log.info("back in guild %s before its grace period ended: its data is kept", guild.id)
 
     # ------------------------------------------------------------------ reconciling after downtime
 
@@ -233,6 +259,13 @@ class Feedback(commands.Cog):
         if self._reconciled:  # on_ready comes again after a full reconnect; once is enough
             return
         self._reconciled = True
+        try:  # removals and re-invites that happened while the bot was offline sent no event
+            async with self.bot.sessions() as session:
+                await service.note_guilds_present(
+                    session, settings=self.settings, guild_ids=[guild.id for guild in self.bot.guilds]
+                )
+        except Exception:
+            log.exception("checking which guilds the bot is still in failed")
         try:
             await self.reconcile()
         except Exception:  # a failed reconcile must not stop the bot from answering

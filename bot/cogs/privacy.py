@@ -118,7 +118,10 @@ class Privacy(commands.Cog):
                 consent = await service.get_guild_settings(
                     session, settings=settings, guild_id=interaction.guild_id
                 )
-        await interaction.followup.send(info_text(settings.retention_days, status, consent), ephemeral=True)
+        await interaction.followup.send(
+            info_text(settings.retention_days, status, consent, grace_days=settings.guild_grace_days),
+            ephemeral=True,
+        )
 
     @privacy.command(name="opt-out", description="Keep your questions and votes out of training from now on")
     async def opt_out(self, interaction: discord.Interaction) -> None:
@@ -220,7 +223,9 @@ class Privacy(commands.Cog):
         await interaction.followup.send(text)
 
 
-def info_text(retention_days: int, status: str | None, consent: service.GuildConsent | None) -> str:
+def info_text(
+    retention_days: int, status: str | None, consent: service.GuildConsent | None, *, grace_days: int = 7
+) -> str:
     """`/privacy info`: what is stored, why, for how long, and where this user and server stand."""
     if status == service.FORGOTTEN:
         yours = "you asked to be forgotten: what you had was deleted, and nothing new of yours trains me"
@@ -237,7 +242,8 @@ def info_text(retention_days: int, status: str | None, consent: service.GuildCon
     return (
         "**What smolcord stores**\n"
         "• your questions to me and the images attached to them (re-encoded, metadata such as location "
-        "removed), my answers, and which Discord messages they are;\n"
+        "removed), my answers, and which Discord messages they are; a reply to me also keeps the earlier "
+        "messages of its chain that I was shown, with who wrote each;\n"
         "• the 👍 / 👎 / 🔁 reactions on my answers (who reacted with what).\n"
         "**Why**\n"
         "• to follow up when you reply to me, to answer 🔁 and 🗑️, and to delete what belongs to a "
@@ -245,7 +251,11 @@ def info_text(retention_days: int, status: str | None, consent: service.GuildCon
         "• only where a server's admins turned learning on (`/learning`): to train me nightly from the "
         "votes. DMs never do, nor anything of users who opted out.\n"
         f"**How long**: {retention_days} days, then it is deleted automatically. Deleting your message deletes "
-        "what was stored of it.\n"
+        "what was stored of it, and every reply that quoted it (someone else's too: the whole reply, since "
+        "my answers to it were written from your words); forget-me and the expiry reach those replies "
+        "the same way. A reply quoting you never trains me unless you and your server allow it. A deleted "
+        "channel or thread takes its data along; if I am removed from this server, its data is deleted "
+        f"after {grace_days} days unless I am invited back first.\n"
         f"**You**: {yours}; **here**: {here}.\n"
         "`/privacy opt-out` keeps your data out of training, `/privacy opt-in` lets it back in, "
         "`/privacy forget-me` deletes everything of yours now."

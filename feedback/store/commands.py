@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +50,7 @@ def export(settings: Settings, out: Path, kind: str) -> int:
         f"wrote {report.rows} {noun} from {report.prompts} prompts to {report.path} "
         f"({report.heldout} held out, {report.rows - report.heldout} for training)"
     )
-    if report.skipped:
-        print(f"left out {report.skipped} whose image files are missing", file=sys.stderr)
+    reasons = report.left_out_line()
+    if reasons:  # "0 rows" alone does not say what to change
+        print(reasons)
     return 0

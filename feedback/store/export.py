@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from feedback.store.pairs import PreferencePair, RatedAnswer, build_pairs, build_rated_answers, is_heldout
+from feedback.store.pairs import (
+    PreferencePair,
+    RatedAnswer,
+    build_pairs,
+    build_rated_answers,
+    is_heldout,
+    left_out,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -167,6 +174,19 @@ class ExportReport:
     heldout: int  # rows whose prompt key falls in the held-out split
     prompts: int  # distinct prompt keys
     skipped: int  # rows left out because an image file is missing
+    # rows the votes would give that consent rules leave out (feedback.store.pairs.left_out)
+    left_out_consent: int = 0
+    left_out_voter_share: int = 0  # rows the voter-share cap dropped
+
+    def left_out_line(self) -> str | None:
+        """Why rows were left out, naming what an operator could change; None when nothing was."""
+        if not (self.left_out_consent or self.left_out_voter_share or self.skipped):
+            return None
+        return (
+            f"left out: {self.left_out_consent} by consent (learning off in their server, DMs, opted-out or "
+            f"forgotten users, quoted turns of such, /learning voter-role), {self.left_out_voter_share} by "
+            f"the voter-share cap (SMOLCORD_MAX_VOTER_SHARE), {self.skipped} whose image files are missing"
+        )
 
 
 async def export(
@@ -180,6 +200,7 @@ async def export(
         examples = await build_rated_answers(session, settings=settings)
     else:
         raise ValueError(f"kind must be 'pairs' or 'unpaired', not {kind!r}")
+    reasons = await left_out(session, settings=settings, kind=kind)
     present = [example for example in examples if all(path.is_file() for path in example.images)]
     rows = [pair_row(e) if isinstance(e, PreferencePair) else rated_row(e) for e in present]
     count = write_jsonl(rows, out)
@@ -190,4 +211,6 @@ async def export(
         heldout=sum(is_heldout(e.prompt_key, settings.heldout_fraction) for e in present),
         prompts=len({e.prompt_key for e in present}),
         skipped=len(examples) - len(present),
+        left_out_consent=reasons.consent,
+        left_out_voter_share=reasons.voter_share,
     )

@@ -1,9 +1,11 @@
 """The feedback store's tables: prompts, images, responses, reactions, consent, training runs, adapters.
 
 Ids of Discord objects (guilds, channels, messages, users, roles) are snowflakes: 64-bit, so
-`BigInteger`. Every foreign key deletes with its parent (`ON DELETE CASCADE`), except two: an
+`BigInteger`. Every foreign key deletes with its parent (`ON DELETE CASCADE`), except three: an
 image, which a prompt only borrows (the service deletes images, rows and files, once no prompt
-uses them), and an adapter version's training run (`SET NULL`: the history outlives the run).
+uses them), an adapter version's training run (`SET NULL`: the history outlives the run), and a
+history turn's source (`SET NULL`: the service deletes the quoting prompt itself; a source lost
+any other way leaves an unknown source, which keeps the quoting prompt out of training).
 The service also deletes children explicitly, so a connection without foreign keys enforced (the
 sqlite3 shell) cannot leave orphans behind through it either.
 
@@ -36,7 +38,9 @@ __all__ = [
     "AdapterVersion",
     "Base",
     "FollowUp",
+    "GuildRemoval",
     "GuildSettings",
+    "HistoryTurn",
     "Image",
     "OptedOutUser",
     "Prompt",
@@ -104,6 +108,16 @@ class GuildSettings(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class GuildRemoval(Base):
+    """A server the bot was removed from: its data is deleted at `delete_after` unless the bot is back by then."""
+
+    __tablename__ = "guild_removals"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    removed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delete_after: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class OptedOutUser(Base):
     """A user whose prompts and votes never reach training: opted out, or forgotten (data deleted too).
 
@@ -145,13 +159,18 @@ class Prompt(Base):
     key: Mapped[str] = mapped_column(String(64), index=True)
     guild_id: Mapped[int | None] = mapped_column(BigInteger, index=True)  # None: a DM
     channel_id: Mapped[int] = mapped_column(BigInteger)
+    # The channel a thread belongs to, for questions asked in a thread: deleting a channel takes its
+    # threads along, and Discord sends no deletion of its own for them.
+    parent_channel_id: Mapped[int | None] = mapped_column(BigInteger)
     # The question's Discord message (None for prompts that have none, such as a slash command's).
     message_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
     author_id: Mapped[int] = mapped_column(BigInteger, index=True)
     question: Mapped[str] = mapped_column(Text)
-    # The earlier turns the model saw: [{"role": "user"|"assistant", "content": str, "images": [sha256]}]
+    # The earlier turns the model saw: [{"role": "user"|"assistant", "content": str, "images": [sha256]}];
+    # where each came from is in `history_turns`, one row per turn.
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     # Learning was on in its guild and the author had not opted out when it was recorded; never for DMs.
+    # (Set to false by migration 0003 for prompts with a history recorded before provenance existed.)
     trainable: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
@@ -217,6 +236,30 @@ class FollowUp(Base):
     parent_response_id: Mapped[int] = mapped_column(
         ForeignKey("responses.id", ondelete="CASCADE"), index=True
     )
+
+
+class HistoryTurn(Base):
+    """Where one turn of a prompt's history came from, and whose words it carries.
+
+    A user turn quotes a prompt's question (`source_prompt_id`); an assistant turn quotes a
+    response (`source_response_id`) and names the prompt it answered (`source_prompt_id`), whose
+    author's question it was derived from. `author_id` and `guild_id` are that source prompt's,
+    copied when recorded so that forget-me finds the copy even if the source is gone. A turn with
+    no source (None: not given, or deleted outside the service) keeps its prompt out of training.
+    """
+
+    __tablename__ = "history_turns"
+
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)  # index into Prompt.history
+    source_prompt_id: Mapped[int | None] = mapped_column(
+        ForeignKey("prompts.id", ondelete="SET NULL"), index=True
+    )
+    source_response_id: Mapped[int | None] = mapped_column(
+        ForeignKey("responses.id", ondelete="SET NULL"), index=True
+    )
+    author_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    guild_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Reaction(Base):

@@ -2,11 +2,12 @@
 
 Rules, all applied here at build time (so a later opt-out or `/learning off` counts at once):
 
-- A vote counts if the prompt was recorded `trainable` (learning on in its guild, author not opted
-  out, never a DM), its guild still has learning on (a guild without settings: the default), its
-  author has not opted out or been forgotten since, the voter has not either, and, where the guild
-  names a voter role, the voter held that role when voting (the role recorded with the vote must
-  be the one named now).
+- A vote counts if its prompt is eligible (feedback.store.eligibility: recorded `trainable`, its guild
+  still has learning on, its author has not opted out or been forgotten since, and the same holds
+  for the source of every turn its history quotes; otherwise the whole prompt is left out, never
+  a truncated history), the voter has not opted out or been forgotten either, and, where the
+  guild names a voter role, the voter held that role when voting (the role recorded with the
+  vote must be the one named now).
 - A user's vote on a response is (a 👍 present) − (a 👎 present); a response's score is the sum.
 - Responses are compared within a prompt key (same images, question and history: feedback.store.service
   .prompt_key), so a 🔁 alternative and the first answer form pairs, and so do answers to the same
@@ -44,11 +45,9 @@ from sqlalchemy import (
     Select,
     String,
     Text,
-    and_,
     case,
     cast,
     func,
-    or_,
     select,
     tuple_,
     type_coerce,
@@ -57,6 +56,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from feedback.store.db import transaction
+from feedback.store.eligibility import eligible_prompt
 from feedback.store.models import GuildSettings, Image, OptedOutUser, Prompt, PromptImage, Reaction, Response
 from feedback.store.votes import THUMBS_DOWN_VARIANTS, THUMBS_UP_VARIANTS
 
@@ -64,12 +64,14 @@ if TYPE_CHECKING:
     from smolcord.settings import Settings
 
 __all__ = [
+    "LeftOut",
     "PreferencePair",
     "RatedAnswer",
     "build_pairs",
     "build_rated_answers",
     "cap_voter_share",
     "is_heldout",
+    "left_out",
 ]
 
 
@@ -168,21 +170,6 @@ class _Scores:
         return self.decided_by.get(response_id, frozenset())
 
 
-def _eligible_prompt(settings: Settings) -> ColumnElement[bool]:
-    """The prompts whose answers may train now (a condition over Prompt outer-joined to GuildSettings)."""
-    p, g = Prompt, GuildSettings
-    if settings.learning_default:
-        learning_on = or_(g.guild_id.is_(None), g.learning.is_(True))
-    else:
-        learning_on = g.learning.is_(True)
-    return and_(
-        p.trainable.is_(True),
-        p.guild_id.is_not(None),
-        learning_on,
-        p.author_id.not_in(select(OptedOutUser.user_id)),
-    )
-
-
 def _response_scores(settings: Settings, *, with_voter_role: bool) -> Select[int, int, str, str]:
     """(response, score, 👍 voters, 👎 voters) for every eligible response with a nonzero score.
 
@@ -201,14 +188,14 @@ def _response_scores(settings: Settings, *, with_voter_role: bool) -> Select[int
     voter = cast(r.user_id, String)
     ups = func.aggregate_strings(case((is_up, voter)), ",").label("ups")
     downs = func.aggregate_strings(case((is_down, voter)), ",").label("downs")
-    eligible_prompt = _eligible_prompt(settings)
+    prompt_ok = eligible_prompt(settings)
     counted = r.user_id.not_in(select(OptedOutUser.user_id))
     if not with_voter_role:
         eligible = (
             select(s.id)
             .join(p, p.id == s.prompt_id)
             .outerjoin(g, g.guild_id == p.guild_id)
-            .where(eligible_prompt, g.voter_role_id.is_(None))
+            .where(prompt_ok, g.voter_role_id.is_(None))
         )
         where: list[ColumnElement[bool]] = [r.response_id.in_(eligible), counted]
     else:
@@ -217,17 +204,38 @@ def _response_scores(settings: Settings, *, with_voter_role: bool) -> Select[int
             select(s.id, g.voter_role_id)
             .join(p, p.id == s.prompt_id)
             .join(g, g.guild_id == p.guild_id)
-            .where(eligible_prompt, g.voter_role_id.is_not(None))
+            .where(prompt_ok, g.voter_role_id.is_not(None))
         )
         where = [tuple_(r.response_id, r.voter_role_id).in_(with_role), r.holds_voter_role.is_(True), counted]
     return select(r.response_id, score, ups, downs).where(*where).group_by(r.response_id).having(score != 0)
 
 
-async def _scores(session: AsyncSession, settings: Settings) -> _Scores:
-    """Every nonzero score with its text and the voters who decide it, in one statement (one snapshot)."""
-    scores = union_all(
-        _response_scores(settings, with_voter_role=False), _response_scores(settings, with_voter_role=True)
-    ).subquery()
+def _unrestricted_scores() -> Select[int, int, str, str]:
+    """`_response_scores` for every response and every voter, as if no consent rule applied (for `left_out`)."""
+    r = Reaction
+    is_up, is_down = r.emoji.in_(THUMBS_UP_VARIANTS), r.emoji.in_(THUMBS_DOWN_VARIANTS)
+    score = (
+        func.count(case((is_up, r.user_id)).distinct()) - func.count(case((is_down, r.user_id)).distinct())
+    ).label("score")
+    voter = cast(r.user_id, String)
+    ups = func.aggregate_strings(case((is_up, voter)), ",").label("ups")
+    downs = func.aggregate_strings(case((is_down, voter)), ",").label("downs")
+    return select(r.response_id, score, ups, downs).group_by(r.response_id).having(score != 0)
+
+
+async def _scores(session: AsyncSession, settings: Settings, *, consent: bool = True) -> _Scores:
+    """Every nonzero score with its text and the voters who decide it, in one statement (one snapshot).
+
+    `consent=False` ignores every consent rule (prompts and voters): only to count what they leave out.
+    """
+    scores = (
+        union_all(
+            _response_scores(settings, with_voter_role=False),
+            _response_scores(settings, with_voter_role=True),
+        ).subquery()
+        if consent
+        else _unrestricted_scores().subquery()
+    )
     statement = (
         select(
             scores.c.response_id,
@@ -293,7 +301,7 @@ async def _prompts(
         .where(Response.prompt_id == p.id)
         .exists()
     )
-    candidates = select(p.id).outerjoin(g, g.guild_id == p.guild_id).where(_eligible_prompt(settings), voted)
+    candidates = select(p.id).outerjoin(g, g.guild_id == p.guild_id).where(eligible_prompt(settings), voted)
     connection = await session.connection()
     image_rows = (
         await connection.execute(
@@ -456,6 +464,50 @@ async def _build_rated_answers(session: AsyncSession, settings: Settings) -> lis
             )
         )
     return answers
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """Training rows the votes would give but the rules leave out, by reason (for `smolcord export`)."""
+
+    consent: int  # learning off or never on, DMs, opted-out or forgotten askers, voters or quoted authors, voter role
+    voter_share: int  # dropped so that no voter decides more than SMOLCORD_MAX_VOTER_SHARE
+
+
+async def left_out(session: AsyncSession, *, settings: Settings, kind: str = "pairs") -> LeftOut:
+    """How many pairs (or, `kind="unpaired"`, rated answers) the consent rules and the voter-share cap leave out.
+
+    A pair is counted by (prompt key, chosen text, rejected text), so the same pair found through
+    other answer ids is not counted as left out.
+    """
+    async with transaction(session):
+        everyone = await _scores(session, settings, consent=False)
+        eligible = await _scores(session, settings)
+    if kind == "pairs":
+        candidates = _candidate_pairs(eligible)
+        kept = _cap(
+            candidates,
+            [candidate[3] for candidate in candidates],
+            lambda index: _rank(*candidates[index][:3]),
+            settings.max_voter_share,
+        )
+
+        def identities(scores: _Scores) -> set[tuple[str, str, str]]:
+            return {(k, scores.texts[c], scores.texts[r]) for k, c, r, _ in _candidate_pairs(scores)}
+
+        consent = len(identities(everyone) - identities(eligible))
+        return LeftOut(consent=consent, voter_share=len(candidates) - len(kept))
+    if kind != "unpaired":
+        raise ValueError(f"kind must be 'pairs' or 'unpaired', not {kind!r}")
+    rated = sorted((eligible.prompt_of[response_id][1], response_id) for response_id in eligible.net)
+    kept_rated = _cap(
+        rated,
+        [eligible.deciders(response_id) for _, response_id in rated],
+        lambda index: _rank(*rated[index]),
+        settings.max_voter_share,
+    )
+    consent = sum(1 for response_id in everyone.net if response_id not in eligible.net)
+    return LeftOut(consent=consent, voter_share=len(rated) - len(kept_rated))
 
 
 # ---------------------------------------------------------------------------------- voter share

@@ -8,14 +8,21 @@ objects, so nothing lazy-loads after the session is gone.
 Privacy rules, in one place:
 - Prompts and answers are always stored (follow-ups, 🔁 and 🗑️ need them); a prompt is
   `trainable` only if its guild had learning on and its author had not opted out when it was
-  recorded, and never in a DM. Pair building checks the guild and the users again (feedback.store.pairs).
+  recorded, and never in a DM. Each history turn records its source (the prompt or response it
+  quotes, and that source's author and guild). Pair building checks the guild and the users
+  again, for the prompt and for every quoted turn (feedback.store.eligibility).
 - Votes of opted-out or forgotten users are not stored from then on (their earlier votes stay
   stored while opted out, but never reach training; forgetting deletes them).
 - Deleting takes along everything that carries the deleted content: a prompt takes its answers,
   their messages and votes, the pairs runs recorded with them, its images once no other prompt
-  uses them (rows and files), and every follow-up prompt whose history quotes it; an answer takes
-  its messages, votes and follow-ups. Children are deleted explicitly (not only through
-  ON DELETE CASCADE), so a connection without foreign keys enforced cannot leave orphans.
+  uses them (rows and files), and every prompt whose history quotes it or its answers (a reply
+  to the answer or to the question, someone else's too: the whole follow-up is deleted, not
+  scrubbed, since its answers were written from the quoted words); an answer takes its messages,
+  votes and the prompts quoting it, and an /ask question left without answers. Forget-me also
+  finds quotes by their recorded author. Channel and thread deletions, and removal from a guild
+  (after SMOLCORD_GUILD_GRACE_DAYS), delete the same way. Children are deleted explicitly (not
+  only through ON DELETE CASCADE), so a connection without foreign keys enforced cannot leave
+  orphans.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import case, delete, false, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -51,7 +58,9 @@ from feedback.store.errors import (
 from feedback.store.models import (
     AdapterVersion,
     FollowUp,
+    GuildRemoval,
     GuildSettings,
+    HistoryTurn,
     Image,
     OptedOutUser,
     Prompt,
@@ -83,10 +92,12 @@ __all__ = [
     "StoredImage",
     "TrainingRunView",
     "add_response_messages",
+    "cancel_guild_deletion",
     "canonical_history",
     "clear_message_reactions",
     "clear_reaction",
     "count_regenerations",
+    "delete_channel",
     "delete_message",
     "delete_response",
     "find_prompt",
@@ -102,6 +113,7 @@ __all__ = [
     "last_training_run",
     "list_adapters",
     "new_pairs",
+    "note_guilds_present",
     "opt_in",
     "opt_out",
     "promote_adapter",
@@ -113,6 +125,7 @@ __all__ = [
     "record_rollback",
     "reject_adapter",
     "run_pair_ids",
+    "schedule_guild_deletion",
     "set_learning",
     "set_reaction",
     "set_voter_role",
@@ -202,8 +215,9 @@ class PromptView:
 class Conversation:
     """The turns a reply to a message continues: pass `turns` as the new prompt's history.
 
-    Turns are `{"role": "user", "content": str, "images": [sha256, ...]}` and
-    `{"role": "assistant", "content": str}`, oldest first; `images` maps every hash to its file.
+    Turns are `{"role": "user", "content": str, "images": [sha256, ...], "source_prompt_id": id}`
+    and `{"role": "assistant", "content": str, "source_response_id": id}`, oldest first (a turn
+    whose source is unknown has no source key); `images` maps every hash to its file.
     The bot trims them to SMOLCORD_HISTORY_TURNS / _HISTORY_IMAGES before asking the model.
     """
 
@@ -313,6 +327,12 @@ def canonical_history(history: Iterable[Mapping[str, Any]]) -> list[dict[str, An
             raise InvalidHistory(f"history turn {number}: role must be 'user' or 'assistant', not {role!r}")
         if not isinstance(content, str):
             raise InvalidHistory(f"history turn {number}: content must be a string")
+        for key, value in _turn_source(turn).items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InvalidHistory(f"history turn {number}: {key} must be an id")
+        wrong = "source_response_id" if role == "user" else "source_prompt_id"
+        if turn.get(wrong) is not None:
+            raise InvalidHistory(f"history turn {number}: a {role} turn has no {wrong}")
         images = list(turn.get("images") or [])
         if role == "assistant":
             if images:
@@ -324,6 +344,10 @@ def canonical_history(history: Iterable[Mapping[str, Any]]) -> list[dict[str, An
                 raise InvalidHistory(f"history turn {number}: images are sha256 hex digests, got {sha!r}")
         turns.append({"role": "user", "content": content, "images": images})
     return turns
+
+
+def _turn_source(turn: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: turn.get(key) for key in ("source_prompt_id", "source_response_id")}
 
 
 def prompt_key(*, image_hashes: Sequence[str], question: str, history: Sequence[Mapping[str, Any]]) -> str:
@@ -416,8 +440,17 @@ async def record_prompt(
     images: Sequence[NormalizedImage | bytes] = (),
     history: Sequence[Mapping[str, Any]] = (),
     parent_response_id: int | None = None,
+    parent_channel_id: int | None = None,
 ) -> RecordedPrompt:
-    """Store a question as the model saw it; images are saved once by hash; trainable is decided here."""
+    """Store a question as the model saw it, with where each history turn came from; trainable is decided here.
+
+    A history turn names its source as `get_conversation` gives it: `source_prompt_id` (a user
+    turn: that prompt's question) or `source_response_id` (an assistant turn: that answer). The
+    source's author and guild are read here, not taken from the caller; a source that no longer
+    exists refuses the prompt (UnknownPrompt / UnknownResponse: it was deleted meanwhile, and its
+    words must not be stored again). A turn without a source is stored as unknown, which keeps
+    the prompt out of training.
+    """
     # Everything that can be refused is checked before the first write.
     if len(images) > settings.max_images:
         raise InvalidImage(
@@ -429,6 +462,9 @@ async def record_prompt(
     key = prompt_key(image_hashes=[image.sha256 for image in accepted], question=question, history=turns)
 
     async with transaction(session):
+        # Sources are checked and the prompt written under one lock: a deletion of a quoted row
+        # either finished before (the source is gone: refused) or waits and then finds this prompt.
+        await _hold_writes(session)
         kind = None if message_id is None else await _message_kind(session, message_id)
         if kind is not None and message_id is not None:
             raise AlreadyRecorded(message_id, kind)
@@ -441,6 +477,7 @@ async def record_prompt(
                 raise InvalidHistory(f"the history names images the store does not have: {missing[:3]}")
         if parent_response_id is not None and await session.get(Response, parent_response_id) is None:
             raise UnknownResponse(f"no response {parent_response_id} to follow up on")
+        provenance = await _provenance(session, history, turns)
         trainable = False
         if guild_id is not None:  # never for DMs
             consent = await _guild_consent(session, settings, guild_id)
@@ -467,6 +504,7 @@ async def record_prompt(
             key=key,
             guild_id=guild_id,
             channel_id=channel_id,
+            parent_channel_id=parent_channel_id,
             message_id=message_id,
             author_id=author_id,
             question=question,
@@ -487,6 +525,14 @@ async def record_prompt(
                     for n, (sha, in_history) in enumerate(links)
                 ],
             )
+        if provenance:
+            try:
+                await session.execute(
+                    dialect_insert(session, HistoryTurn),
+                    [{"prompt_id": prompt.id, "position": n, **row} for n, row in enumerate(provenance)],
+                )
+            except IntegrityError:  # a source deleted concurrently (PostgreSQL): do not store its words
+                raise UnknownPrompt("a quoted turn was deleted while the prompt was recorded") from None
         if parent_response_id is not None:
             session.add(FollowUp(prompt_id=prompt.id, parent_response_id=parent_response_id))
             await session.flush()
@@ -501,6 +547,74 @@ async def record_prompt(
         "recorded prompt %s (guild %s, %d images, trainable=%s)", prompt.id, guild_id, len(stored), trainable
     )
     return RecordedPrompt(prompt.id, key, trainable, tuple(stored))
+
+
+async def _provenance(
+    session: AsyncSession, history: Sequence[Mapping[str, Any]], turns: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One history_turns row per turn: its source as named, checked against the store, with the source's author and guild."""
+    sources = [_turn_source(turn) for turn in history]
+    prompt_ids = {s["source_prompt_id"] for s in sources if s["source_prompt_id"] is not None}
+    response_ids = {s["source_response_id"] for s in sources if s["source_response_id"] is not None}
+    prompts: dict[int, tuple[str, int, int | None]] = {}
+    own_images: dict[int, set[str]] = {}
+    for batch in chunks(sorted(prompt_ids)):
+        found_prompts = await session.execute(
+            select(Prompt.id, Prompt.question, Prompt.author_id, Prompt.guild_id).where(Prompt.id.in_(batch))
+        )
+        prompts.update({row[0]: (row[1], row[2], row[3]) for row in found_prompts})
+        links = await session.execute(
+            select(PromptImage.prompt_id, PromptImage.image_sha256).where(
+                PromptImage.prompt_id.in_(batch), PromptImage.in_history.is_(False)
+            )
+        )
+        for prompt_id, sha in links:
+            own_images.setdefault(prompt_id, set()).add(sha)
+    responses: dict[int, tuple[str, int, int, int | None]] = {}
+    for batch in chunks(sorted(response_ids)):
+        found_responses = await session.execute(
+            select(Response.id, Response.text, Response.prompt_id, Prompt.author_id, Prompt.guild_id)
+            .join(Prompt, Prompt.id == Response.prompt_id)
+            .where(Response.id.in_(batch))
+        )
+        responses.update({row[0]: (row[1], row[2], row[3], row[4]) for row in found_responses})
+    rows: list[dict[str, Any]] = []
+    for number, (turn, source) in enumerate(zip(turns, sources, strict=True)):
+        row: dict[str, Any] = {
+            "source_prompt_id": None,
+            "source_response_id": None,
+            "author_id": None,
+            "guild_id": None,
+        }
+        if source["source_prompt_id"] is not None:
+            found = prompts.get(source["source_prompt_id"])
+            if found is None:
+                raise UnknownPrompt(
+                    f"history turn {number} quotes prompt {source['source_prompt_id']}, which is gone"
+                )
+            question, author_id, guild_id = found
+            if turn["content"] != question or not set(turn["images"]) <= own_images.get(
+                source["source_prompt_id"], set()
+            ):
+                raise InvalidHistory(f"history turn {number} is not what its source prompt asked")
+            row.update(source_prompt_id=source["source_prompt_id"], author_id=author_id, guild_id=guild_id)
+        elif source["source_response_id"] is not None:
+            answer = responses.get(source["source_response_id"])
+            if answer is None:
+                raise UnknownResponse(
+                    f"history turn {number} quotes response {source['source_response_id']}, which is gone"
+                )
+            text, answered_prompt, author_id, guild_id = answer
+            if turn["content"] != text:
+                raise InvalidHistory(f"history turn {number} is not what its source response said")
+            row.update(
+                source_prompt_id=answered_prompt,
+                source_response_id=source["source_response_id"],
+                author_id=author_id,
+                guild_id=guild_id,
+            )
+        rows.append(row)
+    return rows
 
 
 async def _message_kind(session: AsyncSession, message_id: int) -> str | None:
@@ -806,10 +920,30 @@ async def get_conversation(
         if prompt is None:
             return None
         view = await _prompt_view(session, settings, prompt)
-    turns = [dict(turn) for turn in view.history]
-    turns.append({"role": "user", "content": view.question, "images": [i.sha256 for i in view.own_images]})
+        sources = {
+            row.position: row
+            for row in await session.scalars(select(HistoryTurn).where(HistoryTurn.prompt_id == prompt.id))
+        }
+    turns = []
+    for position, turn in enumerate(view.history):
+        turn = dict(turn)
+        source = sources.get(position)
+        # the quoted turns keep naming where they came from (an unknown source stays unknown)
+        if source is not None and turn["role"] == "user" and source.source_prompt_id is not None:
+            turn["source_prompt_id"] = source.source_prompt_id
+        elif source is not None and turn["role"] == "assistant" and source.source_response_id is not None:
+            turn["source_response_id"] = source.source_response_id
+        turns.append(turn)
+    turns.append(
+        {
+            "role": "user",
+            "content": view.question,
+            "images": [i.sha256 for i in view.own_images],
+            "source_prompt_id": view.id,
+        }
+    )
     if response is not None:
-        turns.append({"role": "assistant", "content": response.text})
+        turns.append({"role": "assistant", "content": response.text, "source_response_id": response.id})
     return Conversation(
         prompt_id=view.id,
         parent_response_id=response.id if response is not None else None,
@@ -862,15 +996,23 @@ async def _delete_everything_of(
 ) -> Deletion:
     """Delete prompts and responses with everything that depends on or quotes them (in the caller's transaction)."""
     prompts, responses = set(prompt_ids), set(response_ids)
-    # Closure: a prompt's responses; the follow-up prompts of a response (their history quotes it).
+    # Closure: a prompt's responses; every prompt whose history quotes a deleted prompt or response
+    # (a reply to an answer or to a question, however far down the chain: each quotes the one
+    # before); an /ask question (no message of its own) whose last answer goes.
     frontier_prompts, frontier_responses = set(prompts), set(responses)
+    await _hold_writes(session)
     while frontier_prompts or frontier_responses:
+        await _lock_rows(session, Prompt.id, frontier_prompts)
         more_responses = await _ids(session, Response.id, Response.prompt_id, frontier_prompts) - responses
+        await _lock_rows(session, Response.id, frontier_responses | more_responses)
         responses |= more_responses
         frontier_responses |= more_responses
         more_prompts = (
-            await _ids(session, FollowUp.prompt_id, FollowUp.parent_response_id, frontier_responses) - prompts
-        )
+            await _ids(session, FollowUp.prompt_id, FollowUp.parent_response_id, frontier_responses)
+            | await _ids(session, HistoryTurn.prompt_id, HistoryTurn.source_response_id, frontier_responses)
+            | await _ids(session, HistoryTurn.prompt_id, HistoryTurn.source_prompt_id, frontier_prompts)
+            | await _unanswered_slash_prompts(session, frontier_responses, responses)
+        ) - prompts
         prompts |= more_prompts
         frontier_prompts, frontier_responses = more_prompts, set()
     if not prompts and not responses:
@@ -885,6 +1027,7 @@ async def _delete_everything_of(
     await _delete_where_in(session, ResponseMessage, ResponseMessage.response_id, responses)
     await _delete_where_in(session, FollowUp, FollowUp.parent_response_id, responses)
     await _delete_where_in(session, FollowUp, FollowUp.prompt_id, prompts)
+    await _delete_where_in(session, HistoryTurn, HistoryTurn.prompt_id, prompts)
     await _delete_where_in(session, Response, Response.id, responses)
     await _delete_where_in(session, PromptImage, PromptImage.prompt_id, prompts)
     await _delete_where_in(session, Prompt, Prompt.id, prompts)
@@ -896,6 +1039,52 @@ async def _delete_everything_of(
         reactions=reactions,
         images=tuple(sorted(removed_images)),
     )
+
+
+async def _hold_writes(session: AsyncSession) -> None:
+    """On SQLite, take the database's write lock now, before a deletion reads what quotes its rows.
+
+    The driver begins a transaction only at the first write; until then a prompt quoting a row
+    being deleted could be committed after the closure was read and survive with the quoted words.
+    A write that changes nothing takes the lock (other writers wait on the busy timeout).
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        await session.execute(update(Prompt).where(false()).values(key=Prompt.key))
+
+
+async def _lock_rows(session: AsyncSession, column: Any, ids: set[int]) -> None:
+    """Row-lock what is about to be deleted (PostgreSQL; SQLite holds its write lock already).
+
+    A prompt recorded concurrently that quotes one of these rows then either committed before (and
+    the closure, read next, finds it) or waits and fails its foreign key (UnknownPrompt: refused).
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        return
+    for batch in chunks(sorted(ids)):
+        await session.execute(select(column).where(column.in_(batch)).with_for_update())
+
+
+async def _unanswered_slash_prompts(session: AsyncSession, frontier: set[int], deleted: set[int]) -> set[int]:
+    """The /ask prompts (no Discord message) of the frontier responses whose every answer is being deleted.
+
+    Nothing else could reach such a prompt again (there is no message to reply to, delete or react
+    on), so it goes with its last answer.
+    """
+    if not frontier:
+        return set()
+    candidates = await _ids(session, Response.prompt_id, Response.id, frontier)
+    slash: set[int] = set()
+    kept: set[int] = set()
+    for batch in chunks(sorted(candidates)):
+        slash.update(
+            await session.scalars(select(Prompt.id).where(Prompt.id.in_(batch), Prompt.message_id.is_(None)))
+        )
+    for batch in chunks(sorted(slash)):
+        rows = await session.execute(
+            select(Response.prompt_id, Response.id).where(Response.prompt_id.in_(batch))
+        )
+        kept.update(prompt_id for prompt_id, response_id in rows if response_id not in deleted)
+    return slash - kept
 
 
 async def _delete_unused_images(session: AsyncSession, settings: Settings, candidates: set[str]) -> list[str]:
@@ -944,7 +1133,7 @@ async def delete_message(session: AsyncSession, *, settings: Settings, message_i
 
 
 async def delete_response(session: AsyncSession, *, settings: Settings, response_id: int) -> Deletion:
-    """Delete one answer (🗑️): its messages, votes and follow-ups; UnknownResponse if there is none."""
+    """Delete one answer (🗑️): its messages, votes and follow-ups, and an /ask question left without answers; UnknownResponse if none."""
     async with transaction(session):
         if await session.get(Response, response_id) is None:
             raise UnknownResponse(f"no response {response_id}")
@@ -952,7 +1141,7 @@ async def delete_response(session: AsyncSession, *, settings: Settings, response
 
 
 async def forget_user(session: AsyncSession, *, settings: Settings, user_id: int) -> Deletion:
-    """Delete a user's prompts (with their answers, votes, follow-ups and unshared images) and votes; remember them as forgotten."""
+    """Delete a user's prompts and every prompt quoting them (with answers, votes, unshared images) and votes; remember them as forgotten."""
     async with transaction(session):
         upsert = dialect_insert(session, OptedOutUser).values(
             user_id=user_id, reason=FORGOTTEN, since=utcnow()
@@ -963,7 +1152,11 @@ async def forget_user(session: AsyncSession, *, settings: Settings, user_id: int
                 set_={"reason": upsert.excluded.reason, "since": upsert.excluded.since},
             )
         )
-        prompt_ids = list(await session.scalars(select(Prompt.id).where(Prompt.author_id == user_id)))
+        prompt_ids = set(await session.scalars(select(Prompt.id).where(Prompt.author_id == user_id)))
+        # copies of their words in other people's follow-ups, even where the quoted prompt is gone
+        prompt_ids.update(
+            await session.scalars(select(HistoryTurn.prompt_id).where(HistoryTurn.author_id == user_id))
+        )
         deletion = await _delete_everything_of(session, settings, prompt_ids=prompt_ids)
         votes = await session.execute(delete(Reaction).where(Reaction.user_id == user_id))
         # Who pressed 🔁 on someone else's prompt is the user's data too; the answer itself is not.
@@ -983,10 +1176,20 @@ async def forget_user(session: AsyncSession, *, settings: Settings, user_id: int
 async def purge_expired(
     session: AsyncSession, *, settings: Settings, now: datetime | None = None
 ) -> Deletion:
-    """Delete prompts older than SMOLCORD_RETENTION_DAYS with all that depends on them; sweep orphan image files."""
-    cutoff = (now or utcnow()) - timedelta(days=settings.retention_days)
+    """Delete prompts older than SMOLCORD_RETENTION_DAYS and the data of servers removed longer than their grace
+    period, with all that depends on or quotes them; sweep orphan image files."""
+    now = now or utcnow()
+    cutoff = now - timedelta(days=settings.retention_days)
     async with transaction(session):
-        prompt_ids = list(await session.scalars(select(Prompt.id).where(Prompt.created_at < cutoff)))
+        prompt_ids = set(await session.scalars(select(Prompt.id).where(Prompt.created_at < cutoff)))
+        gone = list(
+            await session.scalars(select(GuildRemoval.guild_id).where(GuildRemoval.delete_after <= now))
+        )
+        if gone:
+            prompt_ids |= await _ids(session, Prompt.id, Prompt.guild_id, gone)
+            await _delete_where_in(session, GuildSettings, GuildSettings.guild_id, gone)
+            await _delete_where_in(session, GuildRemoval, GuildRemoval.guild_id, gone)
+            log.info("deleting the data of %d servers the bot was removed from", len(gone))
         deletion = await _delete_everything_of(session, settings, prompt_ids=prompt_ids)
     async with transaction(session):
         known = set(await session.scalars(select(Image.sha256)))
@@ -996,6 +1199,71 @@ async def purge_expired(
             "purged %d prompts older than %s, swept %d orphan files", len(deletion.prompt_ids), cutoff, swept
         )
     return deletion
+
+
+async def delete_channel(session: AsyncSession, *, settings: Settings, channel_id: int) -> Deletion:
+    """Delete what was stored of a deleted channel or thread (a channel takes its threads), quotes of it included."""
+    async with transaction(session):
+        prompt_ids = await _ids(session, Prompt.id, Prompt.channel_id, [channel_id])
+        prompt_ids |= await _ids(session, Prompt.id, Prompt.parent_channel_id, [channel_id])
+        deletion = await _delete_everything_of(session, settings, prompt_ids=prompt_ids)
+    if not deletion.nothing:
+        log.info(
+            "deleted channel %s: %d prompts, %d responses",
+            channel_id,
+            len(deletion.prompt_ids),
+            len(deletion.response_ids),
+        )
+    return deletion
+
+
+async def schedule_guild_deletion(
+    session: AsyncSession, *, settings: Settings, guild_id: int, now: datetime | None = None
+) -> datetime:
+    """The bot was removed from a guild: its data goes after SMOLCORD_GUILD_GRACE_DAYS (kept if it was due earlier)."""
+    now = now or utcnow()
+    async with transaction(session):
+        insert = dialect_insert(session, GuildRemoval).values(
+            guild_id=guild_id, removed_at=now, delete_after=now + timedelta(days=settings.guild_grace_days)
+        )
+        await session.execute(insert.on_conflict_do_nothing(index_elements=["guild_id"]))
+        due = await session.scalar(select(GuildRemoval.delete_after).where(GuildRemoval.guild_id == guild_id))
+    assert due is not None
+    log.info("removed from guild %s: its data is deleted after %s unless the bot is back", guild_id, due)
+    return due
+
+
+async def note_guilds_present(
+    session: AsyncSession, *, settings: Settings, guild_ids: Collection[int], now: datetime | None = None
+) -> tuple[int, int]:
+    """At start: cancel the pending deletion of guilds the bot is in, schedule it for guilds with data it left
+    while offline; returns (cancelled, scheduled)."""
+    now = now or utcnow()
+    present = set(guild_ids)
+    async with transaction(session):
+        pending = set(await session.scalars(select(GuildRemoval.guild_id)))
+        cancelled = await _delete_where_in(session, GuildRemoval, GuildRemoval.guild_id, pending & present)
+        known = {
+            guild for guild in await session.scalars(select(Prompt.guild_id).distinct()) if guild is not None
+        }
+        known |= set(await session.scalars(select(GuildSettings.guild_id)))
+        missing = sorted(known - present - pending)
+        if missing:
+            after = now + timedelta(days=settings.guild_grace_days)
+            await session.execute(
+                dialect_insert(session, GuildRemoval).on_conflict_do_nothing(index_elements=["guild_id"]),
+                [{"guild_id": g, "removed_at": now, "delete_after": after} for g in missing],
+            )
+    if cancelled or missing:
+        log.info("guilds at start: %d pending deletions cancelled, %d scheduled", cancelled, len(missing))
+    return cancelled, len(missing)
+
+
+async def cancel_guild_deletion(session: AsyncSession, *, guild_id: int) -> bool:
+    """The bot is back in a guild before its grace period ended: keep its data; False if none was pending."""
+    async with transaction(session):
+        result = await session.execute(delete(GuildRemoval).where(GuildRemoval.guild_id == guild_id))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def _sweep_image_files(images_dir: Path, known: set[str], grace_s: float = ORPHAN_FILE_GRACE_S) -> int:

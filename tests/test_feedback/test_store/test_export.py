@@ -107,3 +107,30 @@ def test_cli_upgrades_and_exports_on_a_fresh_data_dir(tmp_path, monkeypatch, cap
     assert out.read_text() == "" and "wrote 0 pairs" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "kto.jsonl"), "--kind", "unpaired"]) == 0
     assert "0 rated answers" in capsys.readouterr().out
+
+
+def test_cli_export_says_how_many_rows_it_left_out_and_why(settings, tmp_path, capsys):
+    import asyncio
+
+    from test_feedback.harness import StoreHarness
+
+    from feedback.store.commands import export as export_command
+    from feedback.store.db import create_engine, sessionmaker
+
+    async def fill():
+        engine = create_engine(settings.db_url)
+        try:
+            store = StoreHarness(sessionmaker(engine), settings)
+            await store.learning()
+            dm = await store.prompt("asked in a DM", guild_id=None)  # DMs never train
+            _, [good] = await store.answer(dm.id, "good")
+            _, [bad] = await store.answer(dm.id, "bad", regenerated=True)
+            await store.vote(good, 1, "👍")
+            await store.vote(bad, 2, "👎")
+        finally:
+            await engine.dispose()
+
+    asyncio.run(fill())
+    assert export_command(settings, tmp_path / "pairs.jsonl", "pairs") == 0
+    out = capsys.readouterr().out
+    assert "wrote 0 pairs" in out and "left out: 1 by consent" in out and "0 by the voter-share cap" in out

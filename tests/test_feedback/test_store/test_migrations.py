@@ -118,9 +118,14 @@ def test_data_at_the_first_migration_upgrades_intact(empty_url):
                 for statement in statements:
                     await connection.execute(text(statement))
             async with engine.connect() as connection:
+                # as {column: value}: later revisions may add columns (compared below on the old ones)
                 return {
                     table: sorted(
-                        map(tuple, (await connection.execute(text(f"SELECT * FROM {table}"))).all())
+                        (
+                            dict(row._mapping)
+                            for row in await connection.execute(text(f"SELECT * FROM {table}"))
+                        ),
+                        key=repr,
                     )
                     for table in rows
                 }
@@ -133,7 +138,12 @@ def test_data_at_the_first_migration_upgrades_intact(empty_url):
     assert all(before.values())
     upgrade_to_head(empty_url)
     after = asyncio.run(fill_and_dump([]))
-    assert after == before
+    assert {
+        table: [{column: row[column] for column in old[0]} for row in after[table]]
+        for table, old in before.items()
+    } == before
+    # 0003 added a thread's parent channel: unknown for what was recorded before
+    assert [row["parent_channel_id"] for row in after["prompts"]] == [None]
 
     async def adapters():
         engine = create_engine(empty_url)
@@ -245,3 +255,37 @@ def test_a_copied_template_is_at_head(migrated_template, tmp_path):
     copy = tmp_path / "copy.db"
     shutil.copyfile(migrated_template, copy)
     assert revision_of(sqlite_url(copy)) == head_revision()
+
+
+def test_prompts_with_a_history_from_before_provenance_stop_being_trainable(empty_url):
+    """0003: a quoted turn recorded before provenance has no known author, so its prompt never trains."""
+    import asyncio
+
+    command.upgrade(alembic_config(empty_url), "0002")
+    insert = (
+        "INSERT INTO prompts (id, key, guild_id, channel_id, message_id, author_id, question, history,"
+        " trainable, created_at) VALUES (:id, :key, 9, 2, :message, 3, 'what?', :history, :trainable,"
+        " '2026-01-01 00:00:00')"
+    )
+    quoted = '[{"role": "user", "content": "hi", "images": []}, {"role": "assistant", "content": "hello"}]'
+    rows = [
+        {"id": 1, "key": "a", "message": 11, "history": "[]", "trainable": True},
+        {"id": 2, "key": "b", "message": 12, "history": quoted, "trainable": True},
+        {"id": 3, "key": "c", "message": 13, "history": quoted, "trainable": False},
+    ]
+
+    async def run(statements):
+        engine = create_engine(empty_url)
+        try:
+            async with engine.begin() as connection:
+                for statement, params in statements:
+                    await connection.execute(text(statement), params)
+            async with engine.connect() as connection:
+                found = await connection.execute(text("SELECT id, trainable FROM prompts ORDER BY id"))
+                return [(row[0], bool(row[1])) for row in found]
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(run([(insert, row) for row in rows])) == [(1, True), (2, True), (3, False)]
+    upgrade_to_head(empty_url)
+    assert asyncio.run(run([])) == [(1, True), (2, False), (3, False)]

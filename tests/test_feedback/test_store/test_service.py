@@ -96,8 +96,13 @@ async def test_conversation_and_follow_up(store, settings):
     conversation = await store.call(service.get_conversation, settings=settings, message_id=messages[0])
     assert conversation.parent_response_id == response_id
     assert conversation.turns == [
-        {"role": "user", "content": "what is this?", "images": [make_image(1).sha256]},
-        {"role": "assistant", "content": "a cat"},
+        {
+            "role": "user",
+            "content": "what is this?",
+            "images": [make_image(1).sha256],
+            "source_prompt_id": first.id,
+        },
+        {"role": "assistant", "content": "a cat", "source_response_id": response_id},
     ]
     assert conversation.images[make_image(1).sha256].path.is_file()
     follow = await store.prompt(
