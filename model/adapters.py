@@ -507,7 +507,7 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any, where: str
     """
     for key in patterns:
         try:
-            if re.match(rf"(.*\.)?({key})$", name):
+            if re.fullmatch(rf"(.*\.)?({key})", name):
                 return patterns[key]
         except re.error as e:
             raise AdapterError(f"{where}: pattern {key!r} is not a valid regex ({e})") from e

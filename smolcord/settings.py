@@ -144,7 +144,7 @@ class Settings(BaseSettings):
     def _train_at(cls, value: Any) -> str | None:
         if value is None or str(value).strip().lower() in {"off", "", "none", "false"}:
             return None
-        match = re.match(r"^([01]?\d|2[0-3]):([0-5]\d)$", str(value).strip())
+        match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", str(value).strip())
         if not match:
             raise ValueError(f"SMOLCORD_TRAIN_AT must be HH:MM (UTC) or 'off', got {value!r}")
         return f"{int(match.group(1)):02d}:{match.group(2)}"

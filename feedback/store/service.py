@@ -141,7 +141,7 @@ RUN_STATUSES = ("running", "succeeded", "failed", "skipped")
 # Files younger than this are never swept as orphans: a prompt being recorded writes its image
 # file before its transaction commits.
 ORPHAN_FILE_GRACE_S = 3600
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # fullmatch only: `$` would accept a trailing newline
 _TMP_PREFIX = ".tmp-"
 
 
@@ -340,7 +340,7 @@ def canonical_history(history: Iterable[Mapping[str, Any]]) -> list[dict[str, An
             turns.append({"role": "assistant", "content": content})
             continue
         for sha in images:
-            if not isinstance(sha, str) or not _SHA256.match(sha):
+            if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
                 raise InvalidHistory(f"history turn {number}: images are sha256 hex digests, got {sha!r}")
         turns.append({"role": "user", "content": content, "images": images})
     return turns
