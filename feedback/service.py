@@ -290,11 +290,12 @@ class StoreStats:
     trainable_prompts: int
     responses: int
     votes: int  # (response, user) pairs with a 👍 or 👎 present
-    pairs: int  # pairs a run would train on now (after every rule and the voter-share cap)
+    pairs: int  # pairs the rules allow now, before the voter-share cap (feedback.stats)
     new_pairs: int  # of those, not used by the last successful run
     pairs_needed: int  # new pairs still missing before the nightly run trains (SMOLCORD_MIN_NEW_PAIRS)
     last_run: TrainingRunView | None
     by_adapter: tuple[AdapterVotes, ...] = field(default_factory=tuple)
+    heldout_pairs: int = 0  # of `pairs`, those in the permanent held-out split (the gate's)
 
 
 # ====================================================================== prompts and responses
@@ -1331,10 +1332,10 @@ async def list_adapters(session: AsyncSession) -> list[AdapterRecord]:
 
 async def store_stats(session: AsyncSession, *, settings: Settings) -> StoreStats:
     """Prompts, votes, pairs, new pairs still needed before the nightly run, and 👍 share per adapter version."""
-    from feedback.pairs import build_pairs
+    from feedback.stats import count_pairs
 
-    pairs = await build_pairs(session, settings=settings)
-    fresh = await new_pairs(session, pairs=pairs)
+    # counted in SQL, never built: this runs on the bot's event loop (feedback.stats)
+    counts = await count_pairs(session, settings=settings)
     async with transaction(session):
         prompts, trainable = (
             await session.execute(
@@ -1381,9 +1382,10 @@ async def store_stats(session: AsyncSession, *, settings: Settings) -> StoreStat
         trainable_prompts=int(trainable),
         responses=int(responses or 0),
         votes=sum(v.up + v.down for v in by_adapter),
-        pairs=len(pairs),
-        new_pairs=len(fresh),
-        pairs_needed=max(0, settings.min_new_pairs - len(fresh)),
+        pairs=counts.pairs,
+        new_pairs=counts.new_pairs,
+        pairs_needed=max(0, settings.min_new_pairs - counts.new_pairs),
         last_run=last_view,
         by_adapter=by_adapter,
+        heldout_pairs=counts.heldout_pairs,
     )

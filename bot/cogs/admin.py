@@ -11,7 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.checks import require_bot_admin, require_owner
-from bot.scheduler import TrainingReadiness, next_nightly_run, training_readiness
+from bot.scheduler import TrainingReadiness, next_nightly_run
 from feedback import service
 from smolcord.registry import RegistryError
 from smolcord.worker_client import WorkerDown, WorkerError
@@ -49,9 +49,8 @@ class Admin(commands.Cog):
     )
     async def status(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        health, stats, readiness = await asyncio.gather(
-            self._worker_health(), self._stats(), training_readiness(self.bot.sessions, self.bot.settings)
-        )
+        health, stats = await asyncio.gather(self._worker_health(), self._stats())
+        readiness = TrainingReadiness.of(stats, self.bot.settings)  # the pairs are counted once, in SQL
         await interaction.followup.send(self._status_text(health, stats, readiness), ephemeral=True)
 
     async def _worker_health(self) -> dict[str, Any] | str:

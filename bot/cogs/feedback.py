@@ -41,6 +41,9 @@ class Feedback(commands.Cog):
         self._regenerating: dict[int, int] = {}  # 🔁 answers in flight per user (not yet in the store)
         self._reconciled = False
 
+    async def cog_unload(self) -> None:
+        await self.answerer.recent.flush()  # the next start reconciles from that file
+
     # ------------------------------------------------------------------ filters
 
     def _is_bot_or_self(self, user_id: int, member: discord.Member | None) -> bool:
