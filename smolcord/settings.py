@@ -84,7 +84,10 @@ class Settings(BaseSettings):
     channels: CommaIds = Field(default_factory=list)  # empty: every channel the bot can see
     allow_dms: bool = True
     cooldown_s: float = Field(default=10, ge=0)
-    guild_inflight: int = Field(default=4, ge=1)
+    guild_inflight: int = Field(default=4, ge=1)  # per server; in DMs, one per user
+    # Across every server and DM together: the worker's default batch (SMOLCORD_MAX_BATCH), so no
+    # single place can fill the worker and everything in flight can decode at once.
+    total_inflight: int = Field(default=16, ge=1)
     history_turns: int = Field(default=6, ge=0)
     history_images: int = Field(default=2, ge=0)
     regen_temperature: float = Field(default=0.7, ge=0)

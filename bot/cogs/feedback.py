@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import discord
 from discord.ext import commands
 
 from bot.answering import NO_MENTIONS, ReplyDestination, answerer_for
+from bot.limits import HourlyQuota
 from feedback import service
 from feedback.errors import FeedbackError, NotAVote, UnknownPrompt, UnknownResponse
-from feedback.models import utcnow
 from feedback.votes import action_of, vote_value
 
 if TYPE_CHECKING:
@@ -38,7 +37,8 @@ class Feedback(commands.Cog):
         self.settings = bot.settings
         self.answerer = answerer_for(bot)
         self.departed: set[int] = set()  # guilds the bot was removed from: their late events are dropped
-        self._regenerating: dict[int, int] = {}  # 🔁 answers in flight per user (not yet in the store)
+        # 🔁 requests per user in the last hour, counted in memory (a restart forgets them)
+        self.regen_quota = HourlyQuota(self.settings.regen_per_hour)
         self._reconciled = False
 
     async def cog_unload(self) -> None:
@@ -121,38 +121,20 @@ class Feedback(commands.Cog):
     # ------------------------------------------------------------------ 🔁 and 🗑️
 
     async def _regenerate(self, payload: discord.RawReactionActionEvent) -> None:
+        user_id = payload.user_id
+        # Reserved before the first await, so presses racing each other cannot all pass; a request
+        # made stays counted (a failed answer used the worker, a deleted one was still asked for).
+        reserved = self.regen_quota.take(user_id)
         async with self.bot.sessions() as session:
             response = await service.find_response(session, message_id=payload.message_id)
-        if response is None:
+        if response is None:  # not an answer: nothing was requested
+            if reserved:
+                self.regen_quota.give_back(user_id)
             return
-        user_id = payload.user_id
-        limit = self.settings.regen_per_hour
-        async with self.bot.sessions() as session:
-            used = await service.count_regenerations(
-                session, user_id=user_id, since=utcnow() - timedelta(hours=1)
-            )
-        used += self._regenerating.get(user_id, 0)
         channel = self.bot.get_partial_messageable(response.channel_id, guild_id=response.guild_id)
         destination = ReplyDestination(channel, response.channel_id, payload.message_id)
-        if used >= limit:
-            text = (
-                f"<@{user_id}>, you have asked for {used} other answers in the last hour (the limit is "
-                f"{limit}); please try again later."
-                if limit
-                else "Other answers (🔁) are turned off here."
-            )
-            with contextlib.suppress(discord.HTTPException):
-                await channel.send(
-                    text,
-                    reference=discord.MessageReference(
-                        message_id=payload.message_id,
-                        channel_id=response.channel_id,
-                        fail_if_not_exists=False,
-                    ),
-                    allowed_mentions=NO_MENTIONS,
-                    suppress_embeds=True,
-                    delete_after=30,
-                )
+        if not reserved:
+            await self._refuse_regeneration(channel, response.channel_id, payload.message_id, user_id)
             return
         try:
             async with self.bot.sessions() as session:
@@ -160,24 +142,39 @@ class Feedback(commands.Cog):
                     session, settings=self.settings, prompt_id=response.prompt_id
                 )
         except UnknownPrompt:
+            self.regen_quota.give_back(user_id)
             return
-        self._regenerating[user_id] = self._regenerating.get(user_id, 0) + 1
         try:
-            with self.answerer.slot(response.guild_id) as free:
-                if not free:
+            with self.answerer.slot(response.guild_id, user_id) as busy:
+                if busy is not None:
+                    self.regen_quota.give_back(user_id)  # nothing was asked of the model
                     with contextlib.suppress(discord.HTTPException):
-                        await destination.post(
-                            "⏳ I'm answering several questions in this server already; press 🔁 again in a moment.",
-                            first=True,
-                        )
+                        await destination.post(busy, first=True)
                     return
                 await self.answerer.regenerate(destination, prompt, user_id=user_id)
         except discord.HTTPException as exc:
             log.warning("could not post another answer in channel %s (%s)", response.channel_id, exc.status)
-        finally:
-            self._regenerating[user_id] -= 1
-            if not self._regenerating[user_id]:
-                del self._regenerating[user_id]
+
+    async def _refuse_regeneration(
+        self, channel: discord.PartialMessageable, channel_id: int, message_id: int, user_id: int
+    ) -> None:
+        limit = self.settings.regen_per_hour
+        text = (
+            f"<@{user_id}>, you have asked for {self.regen_quota.used(user_id)} other answers in the last "
+            f"hour (the limit is {limit}); please try again later."
+            if limit
+            else "Other answers (🔁) are turned off here."
+        )
+        with contextlib.suppress(discord.HTTPException):
+            await channel.send(
+                text,
+                reference=discord.MessageReference(
+                    message_id=message_id, channel_id=channel_id, fail_if_not_exists=False
+                ),
+                allowed_mentions=NO_MENTIONS,
+                suppress_embeds=True,
+                delete_after=30,
+            )
 
     async def _delete_answer(self, payload: discord.RawReactionActionEvent) -> None:
         async with self.bot.sessions() as session:
