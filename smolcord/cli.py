@@ -12,6 +12,20 @@ from smolcord.settings import Settings, get_settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
+# At DEBUG these libraries log what users wrote: discord.py every gateway payload and REST body,
+# aiosqlite every statement with its parameters. `-v` keeps them at INFO; only `-vv` (for debugging
+# the Discord connection itself) lets them log at DEBUG, message content included.
+CONTENT_LOGGERS = ("discord", "aiosqlite")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(verbosity: int) -> None:
+    """INFO; -v: DEBUG for smolcord and the libraries that log no content; -vv: DEBUG everywhere."""
+    logging.basicConfig(format=LOG_FORMAT)
+    logging.getLogger().setLevel(logging.DEBUG if verbosity else logging.INFO)
+    for name in CONTENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
+
 
 class NotBuiltYet(SystemExit):
     """A subcommand whose part has not landed yet: says so and exits non-zero."""
@@ -246,7 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smolcord", description="A Discord assistant that sees images and learns from votes."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: debug logging, without message content; -vv: also discord.py's and aiosqlite's debug "
+        "logs, which contain message content (gateway payloads, REST bodies, SQL parameters)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
@@ -302,10 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     try:
         settings = get_settings()
     except ValueError as exc:  # pydantic's ValidationError: say which setting is wrong, no traceback
