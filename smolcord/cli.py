@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from smolcord.settings import Settings, get_settings
 
@@ -44,18 +45,11 @@ def _tiny_model(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _adapters(args: argparse.Namespace, settings: Settings) -> int:
-    from smolcord.registry import AdapterRegistry, RegistryError
+    from smolcord.registry import AdapterRegistry
 
     registry = AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir)
     if args.action == "rollback":
-        try:
-            now = registry.rollback(args.version)
-        except (RegistryError, KeyError) as exc:
-            print(f"rollback refused: {exc}", file=sys.stderr)
-            return 1
-        print(f"current is now {now or 'base'}")
-        print("(a running worker picks this up on POST /v1/adapters/load or at its next start)")
-        return 0
+        return _rollback(settings, registry, args.version)
     current = registry.current()
     versions = registry.versions()
     if not versions:
@@ -67,6 +61,44 @@ def _adapters(args: argparse.Namespace, settings: Settings) -> int:
         accuracy = metrics.get("heldout_accuracy")
         extra = f" heldout_accuracy={accuracy:.3f}" if isinstance(accuracy, int | float) else ""
         print(f"{mark} {version} {status}{extra}")
+    return 0
+
+
+def _rollback(settings: Settings, registry: Any, version: str | None) -> int:
+    """What `/smolcord rollback` does (feedback.adapters.roll_back): registry, store, worker."""
+    import asyncio
+
+    import aiohttp
+
+    from feedback.adapters import RollbackRefused, roll_back
+    from feedback.db import create_engine, sessionmaker, upgrade_to_head
+    from smolcord.worker_client import WorkerClient
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_to_head(settings.db_url)  # before the event loop starts: Alembic runs one of its own
+
+    async def run() -> str:
+        engine = create_engine(settings.db_url)
+        token = settings.worker_token.get_secret_value() if settings.worker_token else None
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+                worker = WorkerClient(http, settings.worker_url, token=token, model=settings.worker_model)
+                done = await roll_back(
+                    settings=settings,
+                    registry=registry,
+                    sessions=sessionmaker(engine),
+                    worker=worker,
+                    version=version,
+                )
+        finally:
+            await engine.dispose()
+        return done.describe().replace("**", "")
+
+    try:
+        print(asyncio.run(run()))
+    except RollbackRefused as exc:
+        print(f"smolcord adapters rollback: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
