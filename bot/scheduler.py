@@ -5,7 +5,7 @@ stdout, `{"step", "total", "loss"}` after each optimizer step and one final line
 "exit_code" and "message" (and, after training, "version", "report", "heldout_accuracy", ...). It
 runs in its own process so the bot and the worker keep serving, and it tells the worker itself
 when it promotes. The child gets the bot's settings through its environment (the Discord token
-left out), so both read one data dir, one store and one registry.
+left out, and no `.env` read), so both read one data dir, one store and one registry.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from feedback.service import StoreStats
 from feedback.stats import PairCounts, count_pairs
-from smolcord.settings import Settings
+from smolcord.settings import ENV_FILE_VARIABLE, Settings
 
 __all__ = [
     "TRAIN_COMMAND",
@@ -161,6 +161,8 @@ def child_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict
     # Absolute, so a child started elsewhere still finds the same store and registry.
     env["SMOLCORD_DATA_DIR"] = str(Path(settings.data_dir).resolve())
     env["SMOLCORD_DATABASE_URL"] = settings.db_url
+    # Every setting is spelled out above: the job reads no `.env`, where DISCORD_TOKEN usually is.
+    env[ENV_FILE_VARIABLE] = "off"
     return env
 
 

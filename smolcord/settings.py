@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from functools import cached_property
 from pathlib import Path
@@ -171,6 +172,14 @@ class Settings(BaseSettings):
         return parts.hostname or "127.0.0.1", parts.port or 8700
 
 
+# Names the file read besides the environment (default `.env` in the working directory); `off`:
+# none. The bot starts its training job with `off`: the job's settings are spelled out in its
+# environment, and the `.env` the README tells operators to put DISCORD_TOKEN in stays unread.
+ENV_FILE_VARIABLE = "SMOLCORD_ENV_FILE"
+
+
 def get_settings(**overrides: Any) -> Settings:
-    """Read settings now (environment and `.env`), with keyword overrides on top."""
+    """Read settings now (environment and `.env`, see ENV_FILE_VARIABLE), with keyword overrides on top."""
+    env_file = os.environ.get(ENV_FILE_VARIABLE, ".env").strip()
+    overrides.setdefault("_env_file", None if env_file.lower() in {"", "off", "none"} else env_file)
     return Settings(**overrides)
