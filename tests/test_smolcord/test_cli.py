@@ -60,7 +60,7 @@ def test_adapters_rollback_does_what_the_slash_command_does(monkeypatch, tmp_pat
     loaded: list[str] = []
 
     class Worker(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             loaded.append(body["version"])
             reply = json.dumps({"version": body["version"]}).encode()
