@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     # bot
     admin_ids: CommaIds = Field(default_factory=list)
     dev_guild_id: int | None = None
-    channels: CommaIds = Field(default_factory=list)  # empty: every channel the bot can see
+    channels: CommaIds = Field(default_factory=list)  # empty or "all": every channel the bot can see
     allow_dms: bool = True
     cooldown_s: float = Field(default=10, ge=0)
     guild_inflight: int = Field(default=4, ge=1)  # per server; in DMs, one per user
@@ -119,10 +119,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"attachment host {host!r} must be a URL prefix ending in '/'")
         return hosts
 
-    @field_validator("admin_ids", "channels", mode="before")
+    @field_validator("admin_ids", mode="before")
     @classmethod
     def _ids(cls, value: Any) -> list[int]:
         return [int(v) for v in _split(value)]
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels(cls, value: Any) -> list[int]:
+        parts = _split(value)
+        if [part.lower() for part in parts] == ["all"]:  # the documented default, spelled out
+            return []
+        return [int(v) for v in parts]
 
     @field_validator("dev_guild_id", "database_url", "worker_token", "worker_model", mode="before")
     @classmethod
