@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NO_MENTIONS = discord.AllowedMentions.none()
+BUSY_HERE = "⏳ I'm answering several questions in this server already. Please try again in a moment."
+BUSY_DM = "⏳ I'm still answering your last question here; ask again once it is done."
+BUSY_EVERYWHERE = "⏳ I'm answering many questions right now. Please try again in a moment."
 VOTE_REACTIONS = (THUMBS_UP, THUMBS_DOWN, REGENERATE)
 EDIT_INTERVAL_S = 1.5  # Discord's per-channel edit limit, with room for other bots' edits
 
@@ -231,7 +234,9 @@ class Answerer:
         self.settings = bot.settings
         self.pacer = ChannelPacer(EDIT_INTERVAL_S)
         self.cooldown = Cooldown(self.settings.cooldown_s)
-        self.inflight = InflightLimit(self.settings.guild_inflight)
+        self.inflight = InflightLimit(self.settings.guild_inflight)  # per guild
+        self.dm_inflight = InflightLimit(1)  # per user, in DMs
+        self.total_inflight = InflightLimit(self.settings.total_inflight)  # everything together
         self.notices = ConsentNotices(self.settings.data_dir / "consent_notices.json")
         self.recent = RecentAnswers(self.settings.data_dir / "recent_answers.json")
         # Questions deleted while their answer was being written: the answer goes too once recorded.
@@ -242,15 +247,30 @@ class Answerer:
     # ------------------------------------------------------------------ limits
 
     @contextlib.contextmanager
-    def slot(self, guild_id: int | None) -> Iterator[bool]:
-        """One of the guild's in-flight answers (DMs share one bound); yields False when none is free."""
-        key = guild_id or 0
-        acquired = self.inflight.try_acquire(key)
+    def slot(self, guild_id: int | None, user_id: int) -> Iterator[str | None]:
+        """Hold an answer in flight: yields None when one is free, else what to tell the user.
+
+        A server has SMOLCORD_GUILD_INFLIGHT answers in flight at most, a DM user one, and all of
+        them together SMOLCORD_TOTAL_INFLIGHT, so no single place can occupy the worker.
+        """
+        local, key, busy = (
+            (self.dm_inflight, user_id, BUSY_DM) if guild_id is None else (self.inflight, guild_id, BUSY_HERE)
+        )
+        held: list[tuple[InflightLimit, int]] = []
+        refusal: str | None = None
+        if not local.try_acquire(key):
+            refusal = busy
+        else:
+            held.append((local, key))
+            if self.total_inflight.try_acquire(0):
+                held.append((self.total_inflight, 0))
+            else:
+                refusal = BUSY_EVERYWHERE
         try:
-            yield acquired
+            yield refusal
         finally:
-            if acquired:
-                self.inflight.release(key)
+            for limit, held_key in held:
+                limit.release(held_key)
 
     # ------------------------------------------------------------------ context length
 

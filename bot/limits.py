@@ -1,11 +1,11 @@
-"""Per-user cooldowns, per-guild bounds on answers in flight, 🔁 quotas, and the per-channel edit pace."""
+"""Per-user cooldowns, bounds on answers in flight, 🔁 quotas, and the per-channel edit pace."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 
 class Cooldown:
@@ -41,31 +41,54 @@ class HourlyQuota:
         self._uses: dict[int, deque[float]] = defaultdict(deque)
 
     def take(self, user_id: int) -> bool:
+        """Count a use now, if the user has one left in the last hour."""
+        uses = self._recent(user_id)
+        if len(uses) >= self.per_hour:
+            return False
+        uses.append(self._clock())
+        return True
+
+    def used(self, user_id: int) -> int:
+        """Uses in the last hour."""
+        return len(self._recent(user_id))
+
+    def give_back(self, user_id: int) -> None:
+        """Undo the latest use (it turned out not to be one: nothing was asked of the model)."""
+        uses = self._uses.get(user_id)
+        if uses:
+            uses.pop()
+
+    def _recent(self, user_id: int) -> deque[float]:
         now = self._clock()
         uses = self._uses[user_id]
         while uses and now - uses[0] >= 3600:
             uses.popleft()
-        if len(uses) >= self.per_hour:
-            return False
-        uses.append(now)
-        return True
+        return uses
 
 
 class InflightLimit:
-    """At most `limit` answers being generated per guild (DMs share key 0)."""
+    """At most `limit` answers being generated per key (a guild, a DM user, or one key for everything)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._count: dict[int, int] = defaultdict(int)
+        self._count: dict[Hashable, int] = defaultdict(int)
 
-    def try_acquire(self, key: int) -> bool:
+    def try_acquire(self, key: Hashable) -> bool:
         if self._count[key] >= self.limit:
             return False
         self._count[key] += 1
         return True
 
-    def release(self, key: int) -> None:
-        self._count[key] = max(0, self._count[key] - 1)
+    def held(self, key: Hashable) -> int:
+        """Answers in flight under `key` now."""
+        return self._count.get(key, 0)
+
+    def release(self, key: Hashable) -> None:
+        left = self._count[key] - 1
+        if left > 0:
+            self._count[key] = left
+        else:  # forget idle keys: one per DM user would otherwise pile up
+            self._count.pop(key, None)
 
 
 class ChannelPacer:

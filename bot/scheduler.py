@@ -5,7 +5,7 @@ stdout, `{"step", "total", "loss"}` after each optimizer step and one final line
 "exit_code" and "message" (and, after training, "version", "report", "heldout_accuracy", ...). It
 runs in its own process so the bot and the worker keep serving, and it tells the worker itself
 when it promotes. The child gets the bot's settings through its environment (the Discord token
-left out), so both read one data dir, one store and one registry.
+left out, and no `.env` read), so both read one data dir, one store and one registry.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Any
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from feedback.store.pairs import build_pairs, is_heldout
-from feedback.store.service import new_pairs
-from smolcord.settings import Settings
+from feedback.store.service import StoreStats
+from feedback.store.stats import PairCounts, count_pairs
+from smolcord.settings import ENV_FILE_VARIABLE, Settings
 
 __all__ = [
     "TRAIN_COMMAND",
@@ -85,6 +85,17 @@ class TrainingReadiness:
     min_new_pairs: int
     min_heldout: int
 
+    @classmethod
+    def of(cls, counts: PairCounts | StoreStats, settings: Settings) -> TrainingReadiness:
+        """The readiness those counts mean under these settings."""
+        return cls(
+            pairs=counts.pairs,
+            new_pairs=counts.new_pairs,
+            heldout_pairs=counts.heldout_pairs,
+            min_new_pairs=settings.min_new_pairs,
+            min_heldout=settings.gate_min_heldout,
+        )
+
     @property
     def new_pairs_needed(self) -> int:
         return max(0, self.min_new_pairs - self.new_pairs)
@@ -97,18 +108,14 @@ class TrainingReadiness:
 async def training_readiness(
     sessions: async_sessionmaker[AsyncSession], settings: Settings
 ) -> TrainingReadiness:
-    """Count the pairs a run would use now (every consent rule applied) and their held-out split."""
+    """Count the pairs a run would find now (every consent rule applied) and their held-out split.
+
+    Counted in SQL (feedback.store.stats), never built: this runs on the bot's event loop. The count is
+    taken before the voter-share cap, which only the training job applies.
+    """
     async with sessions() as session:
-        pairs = await build_pairs(session, settings=settings)
-        fresh = await new_pairs(session, pairs=pairs)
-    heldout = sum(is_heldout(pair.prompt_key, settings.heldout_fraction) for pair in pairs)
-    return TrainingReadiness(
-        pairs=len(pairs),
-        new_pairs=len(fresh),
-        heldout_pairs=heldout,
-        min_new_pairs=settings.min_new_pairs,
-        min_heldout=settings.gate_min_heldout,
-    )
+        counts = await count_pairs(session, settings=settings)
+    return TrainingReadiness.of(counts, settings)
 
 
 def should_train(readiness: TrainingReadiness) -> tuple[bool, str]:
@@ -154,6 +161,8 @@ def child_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict
     # Absolute, so a child started elsewhere still finds the same store and registry.
     env["SMOLCORD_DATA_DIR"] = str(Path(settings.data_dir).resolve())
     env["SMOLCORD_DATABASE_URL"] = settings.db_url
+    # Every setting is spelled out above: the job reads no `.env`, where DISCORD_TOKEN usually is.
+    env[ENV_FILE_VARIABLE] = "off"
     return env
 
 

@@ -7,10 +7,25 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from smolcord.settings import Settings, get_settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
+
+# At DEBUG these libraries log what users wrote: discord.py every gateway payload and REST body,
+# aiosqlite every statement with its parameters. `-v` keeps them at INFO; only `-vv` (for debugging
+# the Discord connection itself) lets them log at DEBUG, message content included.
+CONTENT_LOGGERS = ("discord", "aiosqlite")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(verbosity: int) -> None:
+    """INFO; -v: DEBUG for smolcord and the libraries that log no content; -vv: DEBUG everywhere."""
+    logging.basicConfig(format=LOG_FORMAT)
+    logging.getLogger().setLevel(logging.DEBUG if verbosity else logging.INFO)
+    for name in CONTENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
 
 
 class NotBuiltYet(SystemExit):
@@ -30,18 +45,11 @@ def _tiny_model(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _adapters(args: argparse.Namespace, settings: Settings) -> int:
-    from smolcord.registry import AdapterRegistry, RegistryError
+    from smolcord.registry import AdapterRegistry
 
     registry = AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir)
     if args.action == "rollback":
-        try:
-            now = registry.rollback(args.version)
-        except (RegistryError, KeyError) as exc:
-            print(f"rollback refused: {exc}", file=sys.stderr)
-            return 1
-        print(f"current is now {now or 'base'}")
-        print("(a running worker picks this up on POST /v1/adapters/load or at its next start)")
-        return 0
+        return _rollback(settings, registry, args.version)
     current = registry.current()
     versions = registry.versions()
     if not versions:
@@ -53,6 +61,44 @@ def _adapters(args: argparse.Namespace, settings: Settings) -> int:
         accuracy = metrics.get("heldout_accuracy")
         extra = f" heldout_accuracy={accuracy:.3f}" if isinstance(accuracy, int | float) else ""
         print(f"{mark} {version} {status}{extra}")
+    return 0
+
+
+def _rollback(settings: Settings, registry: Any, version: str | None) -> int:
+    """What `/smolcord rollback` does (feedback.store.adapters.roll_back): registry, store, worker."""
+    import asyncio
+
+    import aiohttp
+
+    from feedback.store.adapters import RollbackRefused, roll_back
+    from feedback.store.db import create_engine, sessionmaker, upgrade_to_head
+    from smolcord.worker_client import WorkerClient
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_to_head(settings.db_url)  # before the event loop starts: Alembic runs one of its own
+
+    async def run() -> str:
+        engine = create_engine(settings.db_url)
+        token = settings.worker_token.get_secret_value() if settings.worker_token else None
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+                worker = WorkerClient(http, settings.worker_url, token=token, model=settings.worker_model)
+                done = await roll_back(
+                    settings=settings,
+                    registry=registry,
+                    sessions=sessionmaker(engine),
+                    worker=worker,
+                    version=version,
+                )
+        finally:
+            await engine.dispose()
+        return done.describe().replace("**", "")
+
+    try:
+        print(asyncio.run(run()))
+    except RollbackRefused as exc:
+        print(f"smolcord adapters rollback: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -276,7 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smolcord", description="A Discord assistant that sees images and learns from votes."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: debug logging, without message content; -vv: also discord.py's and aiosqlite's debug "
+        "logs, which contain message content (gateway payloads, REST bodies, SQL parameters)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
@@ -337,10 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     try:
         settings = get_settings()
     except ValueError as exc:  # pydantic's ValidationError: say which setting is wrong, no traceback

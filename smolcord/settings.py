@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from functools import cached_property
 from pathlib import Path
@@ -87,10 +88,13 @@ class Settings(BaseSettings):
     # bot
     admin_ids: CommaIds = Field(default_factory=list)
     dev_guild_id: int | None = None
-    channels: CommaIds = Field(default_factory=list)  # empty: every channel the bot can see
+    channels: CommaIds = Field(default_factory=list)  # empty or "all": every channel the bot can see
     allow_dms: bool = True
     cooldown_s: float = Field(default=10, ge=0)
-    guild_inflight: int = Field(default=4, ge=1)
+    guild_inflight: int = Field(default=4, ge=1)  # per server; in DMs, one per user
+    # Across every server and DM together: the worker's default batch (SMOLCORD_MAX_BATCH), so no
+    # single place can fill the worker and everything in flight can decode at once.
+    total_inflight: int = Field(default=16, ge=1)
     history_turns: int = Field(default=6, ge=0)
     history_images: int = Field(default=2, ge=0)
     regen_temperature: float = Field(default=0.7, ge=0)
@@ -129,10 +133,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"attachment host {host!r} must be a URL prefix ending in '/'")
         return hosts
 
-    @field_validator("admin_ids", "channels", mode="before")
+    @field_validator("admin_ids", mode="before")
     @classmethod
     def _ids(cls, value: Any) -> list[int]:
         return [int(v) for v in _split(value)]
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels(cls, value: Any) -> list[int]:
+        parts = _split(value)
+        if [part.lower() for part in parts] == ["all"]:  # the documented default, spelled out
+            return []
+        return [int(v) for v in parts]
 
     @field_validator("dev_guild_id", "database_url", "worker_token", "worker_model", mode="before")
     @classmethod
@@ -182,6 +194,14 @@ class Settings(BaseSettings):
         return parts.hostname or "127.0.0.1", parts.port or 8700
 
 
+# Names the file read besides the environment (default `.env` in the working directory); `off`:
+# none. The bot starts its training job with `off`: the job's settings are spelled out in its
+# environment, and the `.env` the README tells operators to put DISCORD_TOKEN in stays unread.
+ENV_FILE_VARIABLE = "SMOLCORD_ENV_FILE"
+
+
 def get_settings(**overrides: Any) -> Settings:
-    """Read settings now (environment and `.env`), with keyword overrides on top."""
+    """Read settings now (environment and `.env`, see ENV_FILE_VARIABLE), with keyword overrides on top."""
+    env_file = os.environ.get(ENV_FILE_VARIABLE, ".env").strip()
+    overrides.setdefault("_env_file", None if env_file.lower() in {"", "off", "none"} else env_file)
     return Settings(**overrides)

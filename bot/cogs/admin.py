@@ -11,8 +11,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.checks import require_bot_admin, require_owner
-from bot.scheduler import TrainingReadiness, next_nightly_run, training_readiness
+from bot.scheduler import TrainingReadiness, next_nightly_run
 from feedback.store import service
+from feedback.store.adapters import RollbackRefused, roll_back
 from smolcord.registry import RegistryError
 from smolcord.worker_client import WorkerDown, WorkerError
 
@@ -49,9 +50,8 @@ class Admin(commands.Cog):
     )
     async def status(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        health, stats, readiness = await asyncio.gather(
-            self._worker_health(), self._stats(), training_readiness(self.bot.sessions, self.bot.settings)
-        )
+        health, stats = await asyncio.gather(self._worker_health(), self._stats())
+        readiness = TrainingReadiness.of(stats, self.bot.settings)  # the pairs are counted once, in SQL
         await interaction.followup.send(self._status_text(health, stats, readiness), ephemeral=True)
 
     async def _worker_health(self) -> dict[str, Any] | str:
@@ -169,43 +169,17 @@ class Admin(commands.Cog):
         ][:25]
 
     async def _rollback(self, version: str | None) -> str:
-        registry = self.bot.registry
         try:
-            before = registry.current()
-        except RegistryError as exc:
-            return f"Rollback refused: {exc}"
-        if version is None and before is None:
-            return "Nothing to roll back: the base model is served already."
-        if version is not None and version == before:
-            return f"{version} is served already."
-        try:
-            # The registry's lock is short, but it is a blocking flock: keep it off the event loop.
-            now = await asyncio.to_thread(registry.rollback, version)
-        except RegistryError as exc:
-            return f"Rollback refused: {exc}"
-        async with self.bot.sessions() as session:
-            await service.record_rollback(session, from_version=before, to_version=now)
-        log.info("rolled back from %s to %s", before or "base", now or "base")
-        served = now or "the base model"
-        note = ""
-        if now is not None and registry.metrics(now).get("status") == "rejected":
-            note = f" (note: the gate had rejected {now})"
-        try:
-            await self.bot.worker.load_adapter(now)
-            worker = f"The worker serves {served} now."
-        except WorkerDown:
-            worker = f"The worker is not running; it will serve {served} when it starts."
-        except WorkerError as exc:
-            if exc.status == 404:  # an OpenAI-compatible backend without adapter endpoints (vLLM, say)
-                worker = (
-                    f"The model backend at {self.bot.settings.worker_url} has no adapter endpoint, so it "
-                    f"still serves what it served: make it serve {served} yourself (the README's vLLM runbook)."
-                )
-            else:
-                worker = (
-                    f"The worker did not switch ({exc.message}); it will serve {served} when it restarts."
-                )
-        return f"Rolled back from {before or 'the base model'} to **{served}**{note}. {worker}"
+            done = await roll_back(
+                settings=self.bot.settings,
+                registry=self.bot.registry,
+                sessions=self.bot.sessions,
+                worker=self.bot.worker,
+                version=version,
+            )
+        except RollbackRefused as exc:
+            return str(exc)
+        return done.describe()
 
     # ------------------------------------------------------------------ sync
 

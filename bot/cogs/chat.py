@@ -32,7 +32,6 @@ PING_OFF_HINT = (
     "(or mention me in your reply) and I'll answer."
 )
 NO_DMS = "I don't answer DMs here; ask me in a server instead."
-BUSY_HERE = "⏳ I'm answering several questions in this server already. Please try again in a moment."
 
 
 def _cooldown_text(seconds: float) -> str:
@@ -128,36 +127,33 @@ class Chat(commands.Cog):
             await self._reply(message, _cooldown_text(wait))
             return
         guild_id = message.guild.id if message.guild else None
-        answered = False
-        try:
-            with answerer.slot(guild_id) as free:
-                if not free:
-                    await self._reply(message, BUSY_HERE)
-                    return
-                try:
-                    images = await self._fetch_images(list(message.attachments))
-                except AttachmentRefused as exc:
-                    await self._reply(message, f"🖼️ {exc}")
-                    return
-                question = Question(
-                    text=text or DEFAULT_IMAGE_QUESTION,
-                    images=tuple(images),
-                    history=tuple(conversation.turns) if conversation else (),
-                    history_images=conversation.images if conversation else {},
-                )
-                answer = await answerer.ask(
-                    ReplyDestination(message.channel, message.channel.id, message.id),
-                    question,
-                    guild_id=guild_id,
-                    channel_id=message.channel.id,
-                    message_id=message.id,
-                    author_id=message.author.id,
-                    parent_response_id=conversation.parent_response_id if conversation else None,
-                )
-                answered = answer is not None
-        finally:
-            if not answered:  # nothing was answered: the question does not count against the cooldown
-                answerer.cooldown.reset(message.author.id)
+        with answerer.slot(guild_id, message.author.id) as busy:
+            if busy is not None:
+                answerer.cooldown.reset(message.author.id)  # not accepted: no work was done for it
+                await self._reply(message, busy)
+                return
+            # Accepted for work: the cooldown stays spent from here on, whatever happens next (a
+            # refused attachment was downloaded and decoded too, and a failed answer used the worker).
+            try:
+                images = await self._fetch_images(list(message.attachments))
+            except AttachmentRefused as exc:
+                await self._reply(message, f"🖼️ {exc}")
+                return
+            question = Question(
+                text=text or DEFAULT_IMAGE_QUESTION,
+                images=tuple(images),
+                history=tuple(conversation.turns) if conversation else (),
+                history_images=conversation.images if conversation else {},
+            )
+            await answerer.ask(
+                ReplyDestination(message.channel, message.channel.id, message.id),
+                question,
+                guild_id=guild_id,
+                channel_id=message.channel.id,
+                message_id=message.id,
+                author_id=message.author.id,
+                parent_response_id=conversation.parent_response_id if conversation else None,
+            )
 
     # ------------------------------------------------------------------ /ask
 
@@ -177,32 +173,28 @@ class Chat(commands.Cog):
         if wait > 0:
             await self._refuse(interaction, _cooldown_text(wait))
             return
-        answered = False
-        try:
-            with answerer.slot(interaction.guild_id) as free:
-                if not free:
-                    await self._refuse(interaction, BUSY_HERE)
-                    return
-                # Discord wants an answer within 3 s: "thinking…" now, the answer replaces it.
-                await interaction.response.defer(thinking=True)
-                destination = InteractionDestination(interaction)
-                try:
-                    [normalized] = await self._fetch_images([image])
-                except AttachmentRefused as exc:
-                    await destination.post(f"🖼️ {exc}", first=True)
-                    return
-                answer = await answerer.ask(
-                    destination,
-                    Question(text=question.strip() or DEFAULT_IMAGE_QUESTION, images=(normalized,)),
-                    guild_id=interaction.guild_id,
-                    channel_id=destination.channel_id,
-                    message_id=None,  # a slash command has no question message
-                    author_id=interaction.user.id,
-                )
-                answered = answer is not None
-        finally:
-            if not answered:
-                answerer.cooldown.reset(interaction.user.id)
+        with answerer.slot(interaction.guild_id, interaction.user.id) as busy:
+            if busy is not None:
+                answerer.cooldown.reset(interaction.user.id)  # not accepted: no work was done for it
+                await self._refuse(interaction, busy)
+                return
+            # Accepted: the cooldown stays spent (see _answer_message).
+            # Discord wants an answer within 3 s: "thinking…" now, the answer replaces it.
+            await interaction.response.defer(thinking=True)
+            destination = InteractionDestination(interaction)
+            try:
+                [normalized] = await self._fetch_images([image])
+            except AttachmentRefused as exc:
+                await destination.post(f"🖼️ {exc}", first=True)
+                return
+            await answerer.ask(
+                destination,
+                Question(text=question.strip() or DEFAULT_IMAGE_QUESTION, images=(normalized,)),
+                guild_id=interaction.guild_id,
+                channel_id=destination.channel_id,
+                message_id=None,  # a slash command has no question message
+                author_id=interaction.user.id,
+            )
 
     async def _refuse(self, interaction: discord.Interaction, text: str) -> None:
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)

@@ -10,24 +10,33 @@ a restart keeps it; at start, guilds the bot left while offline are scheduled to
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from datetime import timedelta
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import discord
 from discord.ext import commands
 
 from bot.answering import NO_MENTIONS, ReplyDestination, answerer_for
+from bot.limits import HourlyQuota
 from feedback.store import service
 from feedback.store.errors import FeedbackError, NotAVote, UnknownPrompt, UnknownResponse
-from feedback.store.models import utcnow
-from feedback.store.votes import action_of, vote_value
+from feedback.store.votes import action_of, canonical_vote_emoji, vote_value
 
 if TYPE_CHECKING:
     from bot.app import SmolcordBot
 
 log = logging.getLogger(__name__)
+
+
+def _canonical(emoji: str) -> str:
+    try:
+        return canonical_vote_emoji(emoji)
+    except NotAVote:
+        return emoji
+
 
 RECONCILE_ANSWERS = 50  # recent answers whose reactions are checked at start (REST calls: a few each)
 
@@ -40,8 +49,29 @@ class Feedback(commands.Cog):
         self.settings = bot.settings
         self.answerer = answerer_for(bot)
         self.departed: set[int] = set()  # guilds the bot was removed from: their late events are dropped
-        self._regenerating: dict[int, int] = {}  # 🔁 answers in flight per user (not yet in the store)
+        # While reconciling: (message, user, emoji) of every live vote event (None: all of them),
+        # so that what happened live wins over the older REST snapshot (see reconcile).
+        self._live: set[tuple[int, int | None, str | None]] | None = None
+        self._reconcile_write = asyncio.Lock()
+        # 🔁 requests per user in the last hour, counted in memory (a restart forgets them)
+        self.regen_quota = HourlyQuota(self.settings.regen_per_hour)
         self._reconciled = False
+
+    async def cog_unload(self) -> None:
+        await self.answerer.recent.flush()  # the next start reconciles from that file
+
+    @contextlib.asynccontextmanager
+    async def _live_vote(
+        self, message_id: int, user_id: int | None, emoji: str | None
+    ) -> AsyncIterator[None]:
+        """Around a live vote's store write: while reconciling, it is noted and waits for a reconcile
+        write in progress, so it lands after it (and the reconcile leaves it alone)."""
+        if self._live is None:
+            yield
+            return
+        self._live.add((message_id, user_id, None if emoji is None else _canonical(emoji)))
+        async with self._reconcile_write:
+            yield
 
     # ------------------------------------------------------------------ filters
 
@@ -70,7 +100,10 @@ class Feedback(commands.Cog):
         if vote is not None:
             roles = [role.id for role in payload.member.roles] if payload.member is not None else None
             try:
-                async with self.bot.sessions() as session:
+                async with (
+                    self._live_vote(payload.message_id, payload.user_id, emoji),
+                    self.bot.sessions() as session,
+                ):
                     await service.set_reaction(
                         session,
                         message_id=payload.message_id,
@@ -92,7 +125,10 @@ class Feedback(commands.Cog):
         emoji = payload.emoji.name or ""
         if vote_value(emoji) is None or self._is_bot_or_self(payload.user_id, None):
             return
-        async with self.bot.sessions() as session:
+        async with (
+            self._live_vote(payload.message_id, payload.user_id, emoji),
+            self.bot.sessions() as session,
+        ):
             await service.clear_reaction(
                 session, message_id=payload.message_id, user_id=payload.user_id, emoji=emoji
             )
@@ -101,7 +137,7 @@ class Feedback(commands.Cog):
     async def on_raw_reaction_clear(self, payload: discord.RawReactionClearEvent) -> None:
         if payload.guild_id in self.departed:
             return
-        async with self.bot.sessions() as session:
+        async with self._live_vote(payload.message_id, None, None), self.bot.sessions() as session:
             cleared = await service.clear_message_reactions(session, message_id=payload.message_id)
         if cleared:
             log.info("reactions cleared on message %s: %d votes removed", payload.message_id, cleared)
@@ -112,46 +148,27 @@ class Feedback(commands.Cog):
             return
         if vote_value(payload.emoji.name or "") is None:
             return
-        async with self.bot.sessions() as session:
-            await service.clear_message_reactions(
-                session, message_id=payload.message_id, emoji=payload.emoji.name
-            )
+        emoji = payload.emoji.name
+        async with self._live_vote(payload.message_id, None, emoji), self.bot.sessions() as session:
+            await service.clear_message_reactions(session, message_id=payload.message_id, emoji=emoji)
 
     # ------------------------------------------------------------------ 🔁 and 🗑️
 
     async def _regenerate(self, payload: discord.RawReactionActionEvent) -> None:
+        user_id = payload.user_id
+        # Reserved before the first await, so presses racing each other cannot all pass; a request
+        # made stays counted (a failed answer used the worker, a deleted one was still asked for).
+        reserved = self.regen_quota.take(user_id)
         async with self.bot.sessions() as session:
             response = await service.find_response(session, message_id=payload.message_id)
-        if response is None:
+        if response is None:  # not an answer: nothing was requested
+            if reserved:
+                self.regen_quota.give_back(user_id)
             return
-        user_id = payload.user_id
-        limit = self.settings.regen_per_hour
-        async with self.bot.sessions() as session:
-            used = await service.count_regenerations(
-                session, user_id=user_id, since=utcnow() - timedelta(hours=1)
-            )
-        used += self._regenerating.get(user_id, 0)
         channel = self.bot.get_partial_messageable(response.channel_id, guild_id=response.guild_id)
         destination = ReplyDestination(channel, response.channel_id, payload.message_id)
-        if used >= limit:
-            text = (
-                f"<@{user_id}>, you have asked for {used} other answers in the last hour (the limit is "
-                f"{limit}); please try again later."
-                if limit
-                else "Other answers (🔁) are turned off here."
-            )
-            with contextlib.suppress(discord.HTTPException):
-                await channel.send(
-                    text,
-                    reference=discord.MessageReference(
-                        message_id=payload.message_id,
-                        channel_id=response.channel_id,
-                        fail_if_not_exists=False,
-                    ),
-                    allowed_mentions=NO_MENTIONS,
-                    suppress_embeds=True,
-                    delete_after=30,
-                )
+        if not reserved:
+            await self._refuse_regeneration(channel, response.channel_id, payload.message_id, user_id)
             return
         try:
             async with self.bot.sessions() as session:
@@ -159,24 +176,39 @@ class Feedback(commands.Cog):
                     session, settings=self.settings, prompt_id=response.prompt_id
                 )
         except UnknownPrompt:
+            self.regen_quota.give_back(user_id)
             return
-        self._regenerating[user_id] = self._regenerating.get(user_id, 0) + 1
         try:
-            with self.answerer.slot(response.guild_id) as free:
-                if not free:
+            with self.answerer.slot(response.guild_id, user_id) as busy:
+                if busy is not None:
+                    self.regen_quota.give_back(user_id)  # nothing was asked of the model
                     with contextlib.suppress(discord.HTTPException):
-                        await destination.post(
-                            "⏳ I'm answering several questions in this server already; press 🔁 again in a moment.",
-                            first=True,
-                        )
+                        await destination.post(busy, first=True)
                     return
                 await self.answerer.regenerate(destination, prompt, user_id=user_id)
         except discord.HTTPException as exc:
             log.warning("could not post another answer in channel %s (%s)", response.channel_id, exc.status)
-        finally:
-            self._regenerating[user_id] -= 1
-            if not self._regenerating[user_id]:
-                del self._regenerating[user_id]
+
+    async def _refuse_regeneration(
+        self, channel: discord.PartialMessageable, channel_id: int, message_id: int, user_id: int
+    ) -> None:
+        limit = self.settings.regen_per_hour
+        text = (
+            f"<@{user_id}>, you have asked for {self.regen_quota.used(user_id)} other answers in the last "
+            f"hour (the limit is {limit}); please try again later."
+            if limit
+            else "Other answers (🔁) are turned off here."
+        )
+        with contextlib.suppress(discord.HTTPException):
+            await channel.send(
+                text,
+                reference=discord.MessageReference(
+                    message_id=message_id, channel_id=channel_id, fail_if_not_exists=False
+                ),
+                allowed_mentions=NO_MENTIONS,
+                suppress_embeds=True,
+                delete_after=30,
+            )
 
     async def _delete_answer(self, payload: discord.RawReactionActionEvent) -> None:
         async with self.bot.sessions() as session:
@@ -275,9 +307,17 @@ class Feedback(commands.Cog):
         """Make the stored votes of recent answers match their reactions on Discord; returns answers checked.
 
         Reactions added or removed while the bot was offline produced no event. For each recent answer
-        the votes are read from all its chunks over REST, the stored ones are cleared, and the current
-        ones stored again (with the voter's roles when the guild names a voter role).
+        the votes are read from all its chunks over REST and the stored ones made to match in one
+        transaction (with the voter's roles when the guild names a voter role). A live event that
+        arrives meanwhile is newer than that snapshot: its (user, emoji) is left to the event.
         """
+        self._live = set()
+        try:
+            return await self._reconcile(limit)
+        finally:
+            self._live = None
+
+    async def _reconcile(self, limit: int) -> int:
         checked = 0
         for entry in self.answerer.recent.recent()[:limit]:
             try:
@@ -331,18 +371,21 @@ class Feedback(commands.Cog):
                     with contextlib.suppress(discord.HTTPException):
                         member = guild.get_member(user_id) or await guild.fetch_member(user_id)
                         roles[user_id] = [role.id for role in member.roles]
-        target = response.message_ids[-1]
-        async with self.bot.sessions() as session:
-            await service.clear_message_reactions(session, message_id=target)
-        for user_id, emoji in sorted(votes):
+        async with self._reconcile_write:  # live events wait for this write, then land after it
+            live = {
+                (user_id, emoji)
+                for message_id, user_id, emoji in self._live or ()
+                if message_id in response.message_ids
+            }
+            if any(user_id is None for user_id, _ in live):
+                return  # its reactions were cleared live: nothing older may come back
             with contextlib.suppress(UnknownResponse):
                 async with self.bot.sessions() as session:
-                    await service.set_reaction(
+                    await service.reconcile_votes(
                         session,
-                        message_id=target,
-                        user_id=user_id,
-                        emoji=emoji,
-                        member_role_ids=roles.get(user_id),
+                        message_id=response.message_ids[-1],
+                        votes={(user_id, emoji): roles.get(user_id) for user_id, emoji in votes},
+                        keep={(user_id, emoji) for user_id, emoji in live if user_id is not None and emoji},
                     )
 
 

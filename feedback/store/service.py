@@ -119,6 +119,7 @@ __all__ = [
     "promote_adapter",
     "prompt_key",
     "purge_expired",
+    "reconcile_votes",
     "record_adapter",
     "record_prompt",
     "record_response",
@@ -304,11 +305,12 @@ class StoreStats:
     trainable_prompts: int
     responses: int
     votes: int  # (response, user) pairs with a 👍 or 👎 present
-    pairs: int  # pairs a run would train on now (after every rule and the voter-share cap)
+    pairs: int  # pairs the rules allow now, before the voter-share cap (feedback.store.stats)
     new_pairs: int  # of those, not used by the last successful run
     pairs_needed: int  # new pairs still missing before the nightly run trains (SMOLCORD_MIN_NEW_PAIRS)
     last_run: TrainingRunView | None
     by_adapter: tuple[AdapterVotes, ...] = field(default_factory=tuple)
+    heldout_pairs: int = 0  # of `pairs`, those in the permanent held-out split (the gate's)
 
 
 # ====================================================================== prompts and responses
@@ -740,30 +742,94 @@ async def set_reaction(
         if is_opted_out:
             return False
         holds = role_id is not None and member_role_ids is not None and role_id in member_role_ids
-        now = utcnow()
-        insert = dialect_insert(session, Reaction).values(
-            response_id=response_id,
-            user_id=user_id,
-            emoji=emoji,
-            voter_role_id=role_id,
-            holds_voter_role=holds,
-            created_at=now,
-            updated_at=now,
-        )
-        # One statement, race-free: a concurrent add of the same reaction updates instead of failing.
-        upsert = insert.on_conflict_do_update(
-            index_elements=["response_id", "user_id", "emoji"],
-            set_={
-                "voter_role_id": insert.excluded.voter_role_id,
-                "holds_voter_role": insert.excluded.holds_voter_role,
-                "updated_at": insert.excluded.updated_at,
-            },
-        )
         try:
-            await session.execute(upsert)
+            await _upsert_reaction(session, response_id, user_id, emoji, role_id, holds)
         except IntegrityError:  # the response was deleted between the lookup and the upsert
             raise UnknownResponse(f"message {message_id} is not a stored response") from None
     return True
+
+
+async def _upsert_reaction(
+    session: AsyncSession, response_id: int, user_id: int, emoji: str, role_id: int | None, holds: bool
+) -> None:
+    now = utcnow()
+    insert = dialect_insert(session, Reaction).values(
+        response_id=response_id,
+        user_id=user_id,
+        emoji=emoji,
+        voter_role_id=role_id,
+        holds_voter_role=holds,
+        created_at=now,
+        updated_at=now,
+    )
+    # One statement, race-free: a concurrent add of the same reaction updates instead of failing.
+    upsert = insert.on_conflict_do_update(
+        index_elements=["response_id", "user_id", "emoji"],
+        set_={
+            "voter_role_id": insert.excluded.voter_role_id,
+            "holds_voter_role": insert.excluded.holds_voter_role,
+            "updated_at": insert.excluded.updated_at,
+        },
+    )
+    await session.execute(upsert)
+
+
+async def reconcile_votes(
+    session: AsyncSession,
+    *,
+    message_id: int,
+    votes: Mapping[tuple[int, str], Collection[int] | None],
+    keep: Collection[tuple[int, str]] = (),
+) -> int:
+    """Make a response's stored votes the (user, emoji) → member roles seen on Discord, in one transaction.
+
+    `keep` names the (user, emoji) whose stored state is newer than that snapshot (a live event
+    came meanwhile): they are left as they are. Opted-out users' votes are not added, as in
+    set_reaction. Returns how many votes were added or removed; UnknownResponse if none is stored.
+    """
+    wanted = {(user_id, canonical_vote_emoji(emoji)): roles for (user_id, emoji), roles in votes.items()}
+    untouched = {(user_id, canonical_vote_emoji(emoji)) for user_id, emoji in keep}
+    async with transaction(session):
+        found = (
+            await session.execute(
+                select(ResponseMessage.response_id, GuildSettings.voter_role_id)
+                .join(Response, Response.id == ResponseMessage.response_id)
+                .join(Prompt, Prompt.id == Response.prompt_id)
+                .outerjoin(GuildSettings, GuildSettings.guild_id == Prompt.guild_id)
+                .where(ResponseMessage.message_id == message_id)
+            )
+        ).first()
+        if found is None:
+            raise UnknownResponse(f"message {message_id} is not a stored response")
+        response_id, role_id = found
+        stored = {
+            (row.user_id, row.emoji)
+            for row in await session.execute(
+                select(Reaction.user_id, Reaction.emoji).where(Reaction.response_id == response_id)
+            )
+        }
+        opted_out = set(
+            await session.scalars(
+                select(OptedOutUser.user_id).where(OptedOutUser.user_id.in_({u for u, _ in wanted}))
+            )
+        )
+        gone = stored - wanted.keys() - untouched
+        for user_id, emoji in sorted(gone):
+            await session.execute(
+                delete(Reaction).where(
+                    Reaction.response_id == response_id, Reaction.user_id == user_id, Reaction.emoji == emoji
+                )
+            )
+        added = 0
+        for (user_id, emoji), roles in sorted(wanted.items()):
+            if (user_id, emoji) in untouched or user_id in opted_out:
+                continue
+            if (user_id, emoji) in stored and roles is None:
+                continue  # present already, and no newer roles to record
+            holds = role_id is not None and roles is not None and role_id in roles
+            await _upsert_reaction(session, response_id, user_id, emoji, role_id, holds)
+            added += (user_id, emoji) not in stored
+    return len(gone) + added
 
 
 async def clear_reaction(session: AsyncSession, *, message_id: int, user_id: int, emoji: str) -> bool:
@@ -1599,10 +1665,10 @@ async def list_adapters(session: AsyncSession) -> list[AdapterRecord]:
 
 async def store_stats(session: AsyncSession, *, settings: Settings) -> StoreStats:
     """Prompts, votes, pairs, new pairs still needed before the nightly run, and 👍 share per adapter version."""
-    from feedback.store.pairs import build_pairs
+    from feedback.store.stats import count_pairs
 
-    pairs = await build_pairs(session, settings=settings)
-    fresh = await new_pairs(session, pairs=pairs)
+    # counted in SQL, never built: this runs on the bot's event loop (feedback.store.stats)
+    counts = await count_pairs(session, settings=settings)
     async with transaction(session):
         prompts, trainable = (
             await session.execute(
@@ -1649,9 +1715,10 @@ async def store_stats(session: AsyncSession, *, settings: Settings) -> StoreStat
         trainable_prompts=int(trainable),
         responses=int(responses or 0),
         votes=sum(v.up + v.down for v in by_adapter),
-        pairs=len(pairs),
-        new_pairs=len(fresh),
-        pairs_needed=max(0, settings.min_new_pairs - len(fresh)),
+        pairs=counts.pairs,
+        new_pairs=counts.new_pairs,
+        pairs_needed=max(0, settings.min_new_pairs - counts.new_pairs),
         last_run=last_view,
         by_adapter=by_adapter,
+        heldout_pairs=counts.heldout_pairs,
     )

@@ -222,6 +222,49 @@ def test_the_job_gets_the_bots_settings_but_not_its_token(
     assert child.discord_token is None
 
 
+# The real `smolcord train` entry (argument parsing, settings read by get_settings in the working
+# directory) with the run itself replaced by a spy that logs what the job was given. argv: LOG
+SPY_JOB = """
+import json, os, sys
+import feedback.training.job
+from smolcord.cli import main
+
+def spy(settings, options):
+    with open(sys.argv[1], "w") as handle:
+        json.dump({"token": None if settings.discord_token is None else settings.discord_token.get_secret_value(),
+                   "data_dir": str(settings.data_dir), "env": dict(os.environ)}, handle)
+    print(json.dumps({"verdict": "dry-run", "exit_code": 0, "message": "spied"}), flush=True)
+    return 0
+
+feedback.training.job.run = spy
+sys.exit(main(["train", "--progress", "json", "--dry-run"]))
+"""
+
+
+async def test_the_job_never_sees_the_token_even_from_a_dotenv_in_the_working_directory(
+    start_bot, tmp_path, monkeypatch
+):
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / ".env").write_text("DISCORD_TOKEN=token-from-dotenv\nSMOLCORD_DATA_DIR=/elsewhere\n")
+    monkeypatch.chdir(workdir)  # where the operator runs `smolcord bot`, as the README says
+    monkeypatch.setenv("DISCORD_TOKEN", "token-from-environment")
+    async with start_bot(worker=False, discord_token="token-from-settings") as world:
+        script, log = tmp_path / "spy_job.py", tmp_path / "spy.json"
+        script.write_text(SPY_JOB)
+        world.bot.get_cog("Training").runner.command = [sys.executable, str(script), str(log)]
+        _, answer = await run_command(world, "smolcord retrain", world.fake.owner, {"dry_run": True})
+        assert "Started" in answer.content
+        await world.fake.wait_for(
+            "message_update", lambda a: "spied" in a.data["content"], timeout=60, since=0
+        )
+    seen = json.loads(log.read_text())
+    assert seen["token"] is None, "the training job's settings hold a Discord token"
+    assert seen["data_dir"] == str(world.settings.data_dir.resolve())  # its settings are the bot's
+    leaked = {name for name, value in seen["env"].items() if "token-from" in value or name == "DISCORD_TOKEN"}
+    assert not leaked, leaked
+
+
 # ------------------------------------------------------------------------------ nightly, through Discord
 
 

@@ -79,3 +79,66 @@ def test_worker_beyond_loopback_needs_a_token_or_allow_open(started, monkeypatch
 def test_worker_on_loopback_needs_no_token(started, host):
     assert main(["worker", "--host", host, "--port", "8799"]) == 0
     assert started == [(host, 8799)]
+
+
+def test_adapters_rollback_does_what_the_slash_command_does(monkeypatch, tmp_path, capsys):
+    """Registry, store history and worker, through the same function as `/smolcord rollback`."""
+    import asyncio
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from feedback.store import service
+    from feedback.store.db import create_engine, sessionmaker
+    from smolcord.registry import AdapterRegistry
+    from smolcord.settings import Settings
+
+    loaded: list[str] = []
+
+    class Worker(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            loaded.append(body["version"])
+            reply = json.dumps({"version": body["version"]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Worker)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("SMOLCORD_DATA_DIR", str(tmp_path / "data"))
+        monkeypatch.setenv("SMOLCORD_WORKER_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        settings = Settings()
+        registry = AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir)
+        for _ in range(2):
+            with registry.new_version() as staged:
+                (staged.path / "adapter_config.json").write_text("{}")
+            registry.promote(staged.version, expected_current=registry.current())
+        assert registry.current() == "v2"
+
+        assert main(["adapters", "rollback"]) == 0
+        assert "Rolled back from v2 to v1. The worker serves v1 now." in capsys.readouterr().out
+        assert registry.current() == "v1" and loaded == ["v1"]
+
+        async def history() -> dict[str, str]:
+            engine = create_engine(settings.db_url)
+            try:
+                async with sessionmaker(engine)() as session:
+                    return {a.version: a.status for a in await service.list_adapters(session)}
+            finally:
+                await engine.dispose()
+
+        assert asyncio.run(history()) == {"v1": "promoted", "v2": "rolled_back"}
+
+        assert main(["adapters", "rollback", "v1"]) == 1
+        assert "v1 is served already" in capsys.readouterr().err
+        assert loaded == ["v1"]
+    finally:
+        server.shutdown()

@@ -86,3 +86,12 @@ def test_parse_size():
     assert parse_size("40 M") == 40_000_000
     assert parse_size("1.5k") == 1500
     assert parse_size(7) == 7
+
+
+@pytest.mark.parametrize(("value", "channels"), [("all", []), ("ALL", []), ("", []), ("1, 2", [1, 2])])
+def test_channels_all_is_the_documented_default(clean_env, value, channels):
+    clean_env.setenv("SMOLCORD_CHANNELS", value)
+    assert Settings().channels == channels
+    clean_env.setenv("SMOLCORD_CHANNELS", "all,1")  # "all" means every channel: never beside ids
+    with pytest.raises(ValidationError):
+        Settings()
