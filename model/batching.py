@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from model.engine import Encoding, Engine
-from model.generation import Completion, Event, Failed, SamplingParams
+from model.engine import Engine
+from model.generation import Completion, Encoding, Event, Failed, SamplingParams
 
 __all__ = ["BatchScheduler", "CompletionRequest", "QueueFull"]
 

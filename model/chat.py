@@ -10,9 +10,9 @@ from typing import Any
 
 from PIL import Image
 
-from model.engine import Encoding, Engine
+from model.engine import Engine
 from model.errors import APIError
-from model.generation import SamplingParams
+from model.generation import Encoding, SamplingParams
 from smolcord.images import ImageError, decode_data_url, normalize_for
 from smolcord.settings import Settings
 

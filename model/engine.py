@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,8 @@ from model.devices import resolve_device, resolve_dtype
 from model.generation import (
     BatchStreamer,
     Deliver,
+    Encoding,
+    Failed,
     IncrementalDetokenizer,
     Row,
     RowSampler,
@@ -42,22 +43,9 @@ if TYPE_CHECKING:
     from model.fastpath import FastPath
     from smolcord.registry import AdapterRegistry
 
-__all__ = ["Encoding", "Engine"]
+__all__ = ["Engine"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Encoding:
-    """One request's prompt as the model takes it (one row, no padding)."""
-
-    input_ids: list[int]
-    pixel_values: torch.Tensor | None = None  # (tiles, 3, H, W), every image's tiles in order
-    pixel_attention_mask: torch.Tensor | None = None  # (tiles, H, W)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.input_ids)
 
 
 class Engine:
@@ -140,9 +128,30 @@ class Engine:
         return self.fast_path is None or self.fast_path.warmed
 
     def warm_up(self) -> None:
-        """Compile and record every fast-path shape. Generation thread only: CUDA graphs belong to a thread."""
-        if self.fast_path is not None and not self.fast_path.warmed:
-            self.fast_path.warm_up(self)
+        """Run every fast-path shape once through `run_batch`, so no request pays a compile.
+
+        Generation thread only: CUDA graphs belong to a thread. The fast path supplies the shapes and
+        the prompt and keeps the count of what was compiled; the loop that drives the engine is here.
+        """
+        from model.fastpath import FastPathError, WarmUpRequest
+
+        fast = self.fast_path
+        if fast is None or fast.warmed:
+            return
+        prompt = fast.warm_up_prompt(self.encode)
+        with fast.warming():
+            for shape in fast.plan.shapes:
+                started = time.perf_counter()
+                failures: list[str] = []
+
+                def deliver(events: list[tuple[Any, Any]], failures: list[str] = failures) -> None:
+                    failures.extend(event.message for _, event in events if isinstance(event, Failed))
+
+                rows = [(WarmUpRequest(), prompt) for _ in range(shape[0])]
+                self.run_batch(rows, deliver, shape=shape)
+                if failures:
+                    raise FastPathError(f"warming up shape {shape} failed: {failures[0]}")
+                log.info("fast path: shape %s warm in %.1f s", shape, time.perf_counter() - started)
 
     # ------------------------------------------------------------------ served name and adapters
 

@@ -38,24 +38,21 @@ On a CPU the same static caches, buckets and padding run without compiling (test
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
 from transformers import CompileConfig, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from model.engine import Encoding
-from model.generation import Event, Failed, IncrementalDetokenizer, Row, SamplingParams
-
-if TYPE_CHECKING:
-    from model.engine import Engine
+from model.generation import Encoding, IncrementalDetokenizer, Row, SamplingParams
 
 __all__ = [
     "DEFAULT_BATCH_BUCKETS",
@@ -382,23 +379,13 @@ class FastPath:
 
     # -------------------------------------------------------------------------- warm-up
 
-    def warm_up(self, engine: Engine) -> None:
-        """Run every shape once through `engine.run_batch` so no request pays a compile; generation thread only."""
+    @contextlib.contextmanager
+    def warming(self) -> Iterator[None]:
+        """Around the engine's warm-up loop (`Engine.warm_up`): counts the graphs it compiled, then
+        marks the fast path warm (it serves only from then on)."""
         started = time.perf_counter()
         graphs_before = _graphs_compiled()
-        prompt = self._warm_up_prompt(engine)
-        for shape in self.plan.shapes:
-            shape_started = time.perf_counter()
-            failures: list[str] = []
-
-            def deliver(events: list[tuple[Any, Event]], failures: list[str] = failures) -> None:
-                failures.extend(event.message for _, event in events if isinstance(event, Failed))
-
-            sources = [_WarmUpSource() for _ in range(shape[0])]
-            engine.run_batch([(source, prompt) for source in sources], deliver, shape=shape)
-            if failures:
-                raise FastPathError(f"warming up shape {shape} failed: {failures[0]}")
-            log.info("fast path: shape %s warm in %.1f s", shape, time.perf_counter() - shape_started)
+        yield
         self.graphs_at_warm_up = _graphs_compiled() - graphs_before
         self._graphs_after_warm_up = _graphs_compiled()
         self.warm_up_s = time.perf_counter() - started
@@ -414,15 +401,18 @@ class FastPath:
         """Graphs dynamo compiled after the warm-up (a request paid a compile when this is not 0)."""
         return _graphs_compiled() - self._graphs_after_warm_up if self.warmed else 0
 
-    def _warm_up_prompt(self, engine: Engine) -> Encoding:
-        """A question with a small photo (the prefill runs the vision tower too), or text alone when that is too long."""
+    def warm_up_prompt(
+        self, encode: Callable[[list[dict[str, Any]], list[Image.Image]], Encoding]
+    ) -> Encoding:
+        """A question with a small photo (the prefill runs the vision tower too), or text alone when that is
+        too long; `encode` is the engine's."""
         conversation = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
         ]
         image = Image.new("RGB", (64, 48), (180, 90, 30))
-        encoding = engine.encode(conversation, [image])
+        encoding = encode(conversation, [image])
         if encoding.prompt_tokens + _WARM_UP_TOKENS > self.plan.length_buckets[0]:
-            encoding = engine.encode([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], [])
+            encoding = encode([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], [])
         if encoding.prompt_tokens + _WARM_UP_TOKENS > self.plan.length_buckets[0]:
             raise FastPathError(
                 f"the shortest cache length bucket ({self.plan.length_buckets[0]}) holds no prompt"
@@ -431,7 +421,7 @@ class FastPath:
 
 
 @dataclass(eq=False)
-class _WarmUpSource:
+class WarmUpRequest:
     """A request of the warm-up: greedy, exactly `_WARM_UP_TOKENS` tokens, delivered nowhere."""
 
     id: str = "warm-up"

@@ -36,6 +36,7 @@ __all__ = [
     "BatchStreamer",
     "Completion",
     "Deliver",
+    "Encoding",
     "Failed",
     "IncrementalDetokenizer",
     "Row",
@@ -46,6 +47,19 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One request's prompt as the model takes it (one row, no padding)."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None = None  # (tiles, 3, H, W), every image's tiles in order
+    pixel_attention_mask: torch.Tensor | None = None  # (tiles, H, W)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.input_ids)
 
 
 @dataclass(frozen=True)

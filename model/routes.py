@@ -18,9 +18,8 @@ from aiohttp import web
 from model.adapters import AdapterError
 from model.batching import CompletionRequest, QueueFull
 from model.chat import ChatRequest, encode_chat, parse_chat_request
-from model.engine import Encoding
 from model.errors import APIError, Handler
-from model.generation import Completion, Event, Failed, TextDelta
+from model.generation import Completion, Encoding, Event, Failed, TextDelta
 from model.keys import (
     bodies_key,
     encoder_key,

@@ -17,9 +17,9 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 from model.app import init_app
-from model.engine import Encoding, Engine
+from model.engine import Engine
 from model.fastpath import FastPathError, kv_bytes_per_token, plan_cache
-from model.generation import Completion, Event, SamplingParams, TextDelta
+from model.generation import Completion, Encoding, Event, SamplingParams, TextDelta
 from model.tiny import arch_config
 from smolcord.settings import Settings
 from smolcord.worker_client import WorkerClient, WorkerError
@@ -269,13 +269,13 @@ async def test_readiness_waits_for_the_warm_up(
     cold.enable_fast_path(kv_cache_gib=TINY_BUDGET_GIB, **BUCKETS)
     assert cold.fast_path is not None
     release = threading.Event()
-    warm_up = cold.fast_path.warm_up
+    warm_up = cold.warm_up
 
-    def held_warm_up(engine: Engine) -> None:  # the generation thread waits here until the test lets it go
+    def held_warm_up() -> None:  # the generation thread waits here until the test lets it go
         assert release.wait(30)
-        warm_up(engine)
+        warm_up()
 
-    cold.fast_path.warm_up = held_warm_up  # type: ignore[method-assign]
+    cold.warm_up = held_warm_up  # type: ignore[method-assign]
     worker = await aiohttp_client(await init_app(make_settings(fast_path=True, max_batch=4), engine=cold))
     try:
         models = await worker.get("/v1/models")
@@ -308,10 +308,10 @@ async def test_a_failed_warm_up_serves_plain_generate(
     cold.enable_fast_path(kv_cache_gib=TINY_BUDGET_GIB, **BUCKETS)
     assert cold.fast_path is not None
 
-    def broken(engine: Engine) -> None:
+    def broken() -> None:
         raise RuntimeError("no compiler")
 
-    cold.fast_path.warm_up = broken  # type: ignore[method-assign]
+    cold.warm_up = broken  # type: ignore[method-assign]
     worker = await aiohttp_client(await init_app(make_settings(fast_path=True, max_batch=4), engine=cold))
     for _ in range(200):
         if (await worker.get("/v1/models")).status == 200:
