@@ -14,11 +14,13 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from image_bombs import peak_memory, png_bomb, png_chunk
 from PIL import Image, ImageCms, ImageFile, PngImagePlugin
 
 from smolcord.images import (
     ImageError,
     NormalizedImage,
+    _png_data_size,
     decode_data_url,
     image_path,
     normalize_image,
@@ -51,10 +53,6 @@ def photo(size=(600, 400)) -> Image.Image:
     image = Image.linear_gradient("L").resize(size).convert("RGB")
     image.paste(Image.new("RGB", (width // 5, height // 5), RED), (0, 0))
     return image
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def bomb_png(width: int, height: int, *, real_data: bool = True) -> bytes:
@@ -254,6 +252,113 @@ def test_oversize_jpeg_shrunk():
     result = normalize_image(encode(photo((4000, 3000)), "JPEG"), **(LIMITS | {"max_edge": 500}))
     assert (result.width, result.height) == (500, 375)
     assert close(decode(result.data).getpixel((10, 10)), RED)
+
+
+# --------------------------------------------------------------------------- decompression bombs
+
+
+def test_png_bomb_refused_within_bounded_memory():
+    source = png_bomb(256)  # 1×1 pixel, 8-bit RGB: the clean-file header; 256 MiB of zeros inflated
+    assert len(source) < 300_000
+    with peak_memory() as peak:
+        try:
+            normalize_image(source, **LIMITS)
+        except ImageError as error:
+            outcome = error
+    assert peak.mib < 64, f"peak memory grew by {peak.mib:.0f} MiB"
+    assert isinstance(outcome, ImageError), "a 1×1 PNG of 256 MiB of image data was accepted"
+    assert outcome.code == "decompression_bomb" and outcome.status == 400
+    assert "1×1" in outcome.message
+
+
+@pytest.mark.parametrize(
+    ("colour_type", "interlace", "size"),
+    [(6, 1, (3, 5)), (0, 0, (40, 1)), (3, 0, (1, 1)), (2, 1, (17, 9))],
+    ids=["rgba-interlaced", "grey", "palette", "rgb-interlaced"],
+)
+def test_png_bomb_refused_whatever_the_header(colour_type, interlace, size):
+    # not only the clean-file header: every PNG's image data is bounded by what its header implies
+    error = refused(png_bomb(8, size=size, colour_type=colour_type, interlace=interlace))
+    assert error.code == "decompression_bomb"
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (9, 17), (33, 2), (8, 8)])
+@pytest.mark.parametrize(
+    ("colour_type", "bit_depth"), [(0, 1), (0, 4), (0, 16), (2, 8), (3, 2), (4, 8), (6, 16)]
+)
+@pytest.mark.parametrize("interlace", [0, 1])
+def test_png_data_size_is_what_pillow_decodes(size, colour_type, bit_depth, interlace):
+    """The bound is exact: one byte less than the header's size is a truncated image to Pillow."""
+    expected = _png_data_size(*size, bit_depth, colour_type, interlace)
+    assert expected is not None
+
+    def png(image_data: bytes) -> bytes:
+        header = struct.pack(">IIBBBBB", *size, bit_depth, colour_type, 0, 0, interlace)
+        palette = png_chunk(b"PLTE", bytes(3 * 256)) if colour_type == 3 else b""
+        return (
+            b"\x89PNG\r\n\x1a\n"
+            + png_chunk(b"IHDR", header)
+            + palette
+            + png_chunk(b"IDAT", zlib.compress(image_data))
+            + png_chunk(b"IEND", b"")
+        )
+
+    assert decode(png(bytes(expected))).size == size
+    with pytest.raises(OSError):
+        decode(png(bytes(expected - 1)))
+    result = normalize_image(png(bytes(expected)), **LIMITS)
+    assert (result.width, result.height) == size
+
+
+def test_png_with_a_little_extra_image_data_is_reencoded_not_refused():
+    clean = normalize_image(encode(photo((40, 30)), "PNG"), **LIMITS).data
+    raw = zlib.decompress(clean[clean.index(b"IDAT") + 4 :].split(b"IEND")[0][:-8])
+    header = clean[8 : clean.index(b"IDAT") - 4]
+    extra = (
+        b"\x89PNG\r\n\x1a\n"
+        + header
+        + png_chunk(b"IDAT", zlib.compress(raw + bytes(100)))
+        + png_chunk(b"IEND", b"")
+    )
+    assert normalize_image(extra, **LIMITS).data == clean  # libpng accepts this: so do we, cleaned
+
+
+def _text_bomb(chunks: int, kind: bytes, text: str) -> bytes:
+    compressed = zlib.compress((text * ((1 << 20) // len(text.encode()))).encode(), 9)
+    body = {b"zTXt": b"\0\0" + compressed, b"iTXt": b"\0\1\0\0\0" + compressed}[kind]
+    texts = b"".join(png_chunk(kind, b"key%d" % i + body) for i in range(chunks))
+    clean = encode(Image.new("RGB", (2, 2)), "PNG")
+    at = clean.index(b"IDAT") - 4
+    return clean[:at] + texts + clean[at:]
+
+
+@pytest.mark.parametrize(
+    ("chunks", "kind", "text"),
+    [(40, b"zTXt", "x"), (70, b"zTXt", "x"), (200, b"iTXt", "中")],
+    ids=["40-MiB-ztxt", "70-MiB-ztxt", "cjk-itxt"],
+)
+def test_compressed_text_chunks_cannot_use_much_memory(chunks, kind, text):
+    source = _text_bomb(chunks, kind, text)  # each chunk ~1 KB, inflating to 1 MiB of text
+    assert len(source) < 250_000
+    with peak_memory() as peak:
+        error = refused(source)
+    assert peak.mib < 64, f"peak memory grew by {peak.mib:.0f} MiB"
+    assert error.code == "too_much_metadata" and "metadata" in error.message
+
+
+def test_a_few_compressed_text_chunks_are_fine():
+    result = normalize_image(_text_bomb(2, b"zTXt", "x"), **LIMITS)
+    assert b"zTXt" not in result.data
+
+
+def test_jpeg_with_too_many_scans_refused():
+    progressive = encode(photo((800, 800)), "JPEG", progressive=True)
+    assert progressive.count(b"\xff\xda") == 10  # libjpeg's default progressive script
+    # empty AC refinement scans of the first component: a few bytes each, a pass over every block
+    empty_scan = b"\xff\xda\x00\x08\x01\x01\x00\x01\x3f\x10"
+    assert normalize_image(progressive[:-2] + empty_scan * 400 + b"\xff\xd9", **LIMITS).width == 800
+    error = refused(progressive[:-2] + empty_scan * 600 + b"\xff\xd9")
+    assert error.code == "too_many_scans" and error.status == 400
 
 
 # ------------------------------------------------------------------------------- broken inputs
