@@ -1,10 +1,11 @@
-"""Image normalisation: orientation, metadata, modes, limits, idempotence, data URLs."""
+"""Image normalisation: orientation, metadata, modes, limits, bombs, idempotence, data URLs, fuzzing."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import io
+import operator
 import random
 import struct
 import time
@@ -14,6 +15,8 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from image_bombs import peak_memory, png_bomb, png_chunk
 from PIL import Image, ImageCms, ImageFile, PngImagePlugin
 
@@ -511,3 +514,145 @@ def test_image_path_is_sharded(tmp_path: Path):
             image_path(tmp_path, bad, ".png")
     with pytest.raises(ValueError):
         image_path(tmp_path, digest, "/../x")
+
+
+# --------------------------------------------------------------------------------------- fuzzing
+
+# Small limits: a mutated header may declare any size up to max_pixels, and decoding that many
+# pixels is legitimate work; bounded here so the memory bound below says something.
+FUZZ_LIMITS = {"max_bytes": 1024 * 1024, "max_pixels": 1_000_000, "max_edge": 256}
+FUZZ_PEAK_MIB = 64
+
+
+@cache
+def _fuzz_seeds() -> dict[str, bytes]:
+    """Small valid files of every family we accept, built by Pillow: what mutations start from."""
+    picture = photo((36, 24))
+    frames = [Image.new("P", (20, 12), i) for i in range(3)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=40)
+    webp_anim = io.BytesIO()
+    picture.save(webp_anim, "WEBP", save_all=True, append_images=[picture.rotate(90)], duration=40)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "hello", zip=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return {
+        "png": normalize_image(encode(picture, "PNG"), **LIMITS).data,  # the clean form
+        "png rgba text": encode(picture.convert("RGBA"), "PNG", pnginfo=info),
+        "png palette": encode(picture.convert("P"), "PNG", transparency=0),
+        "png 16-bit": encode(picture.convert("I;16"), "PNG"),
+        "jpeg": encode(picture, "JPEG", quality=80),
+        "jpeg progressive exif": encode(picture, "JPEG", progressive=True, exif=exif),
+        "gif": gif.getvalue(),
+        "webp": encode(picture, "WEBP", quality=70),
+        "webp lossless": encode(picture, "WEBP", lossless=True),
+        "webp animated": webp_anim.getvalue(),
+    }
+
+
+_SEED_NAMES = sorted(_fuzz_seeds())
+_PNG = b"\x89PNG\r\n\x1a\n"
+_MAGIC = [b"", _PNG, b"\xff\xd8\xff\xe0", b"GIF89a", b"RIFF\x00\x00\x00\x00WEBPVP8 "]
+
+
+def _normalises_or_refuses(data: bytes) -> str:
+    """The property: a normalised image that normalises to itself, or the module's refusal; nothing else."""
+    try:
+        once = normalize_image(data, **FUZZ_LIMITS)
+    except ImageError as error:
+        assert error.code and error.message and error.status in (400, 413)
+        return error.code
+    assert normalize_image(once.data, **FUZZ_LIMITS) == once  # idempotent, byte for byte
+    image = decode(once.data)
+    assert image.mode == "RGB" and image.size == (once.width, once.height)
+    assert max(image.size) <= FUZZ_LIMITS["max_edge"] and len(once.data) <= FUZZ_LIMITS["max_bytes"]
+    return "ok"
+
+
+def _fuzz(name: str, strategy, examples: int) -> None:
+    """Run the property over `examples` generated files within the peak-memory bound; count what was tried."""
+    outcomes: dict[str, int] = {}
+
+    @settings(max_examples=examples)
+    @given(strategy)
+    def check(data: bytes) -> None:
+        outcome = _normalises_or_refuses(data)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    with peak_memory() as peak:
+        check()
+    tried = sum(outcomes.values())
+    print(f"image fuzz {name}: {tried} inputs, peak growth {peak.mib:.0f} MiB, outcomes {outcomes}")
+    assert tried >= examples  # hypothesis ran them all (none filtered away)
+    assert peak.mib < FUZZ_PEAK_MIB
+
+
+def _truncated():
+    return st.builds(
+        lambda name, fraction: _fuzz_seeds()[name][: int(len(_fuzz_seeds()[name]) * fraction)],
+        st.sampled_from(_SEED_NAMES),
+        st.floats(0, 1),
+    )
+
+
+def _mutated():
+    """A seed with a few bytes overwritten, inserted or deleted."""
+
+    def mutate(name: str, edits: list[tuple[float, int, int]]) -> bytes:
+        data = bytearray(_fuzz_seeds()[name])
+        for where, kind, value in edits:
+            at = int(where * len(data))
+            if kind == 0 and at < len(data):
+                data[at] = value
+            elif kind == 1:
+                data[at:at] = bytes([value]) * (value % 7 + 1)
+            else:
+                del data[at : at + value % 9 + 1]
+        return bytes(data)
+
+    edit = st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 2), st.integers(0, 255))
+    return st.builds(mutate, st.sampled_from(_SEED_NAMES), st.lists(edit, min_size=1, max_size=6))
+
+
+def _mutated_png_chunks():
+    """A PNG seed with bytes of one chunk changed and its CRC fixed: past the CRC check, into the decoders."""
+
+    def mutate(name: str, which: float, edits: list[tuple[float, int]]) -> bytes:
+        data = _fuzz_seeds()[name]
+        chunks, pos = [], 8
+        while pos < len(data):
+            length = struct.unpack(">I", data[pos : pos + 4])[0]
+            chunks.append([data[pos + 4 : pos + 8], bytearray(data[pos + 8 : pos + 8 + length])])
+            pos += 12 + length
+        _, body = chunks[int(which * len(chunks))]
+        for where, value in edits:
+            if body:
+                body[int(where * len(body))] = value
+        return _PNG + b"".join(png_chunk(kind, bytes(body)) for kind, body in chunks)
+
+    pngs = [name for name in _SEED_NAMES if name.startswith("png")]
+    edit = st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255))
+    return st.builds(
+        mutate,
+        st.sampled_from(pngs),
+        st.floats(0, 1, exclude_max=True),
+        st.lists(edit, min_size=1, max_size=4),
+    )
+
+
+def test_fuzz_random_bytes():
+    magic_then_noise = st.builds(operator.add, st.sampled_from(_MAGIC), st.binary(max_size=600))
+    _fuzz("random bytes", magic_then_noise, 250)
+
+
+def test_fuzz_truncated_files():
+    _fuzz("truncated", _truncated(), 200)
+
+
+def test_fuzz_mutated_files():
+    _fuzz("mutated", _mutated(), 400)
+
+
+def test_fuzz_png_chunks_with_valid_crcs():
+    _fuzz("png chunks, valid CRCs", _mutated_png_chunks(), 250)
