@@ -32,6 +32,7 @@ async def test_png_bomb_attachment_is_refused_within_bounded_memory(aiohttp_clie
             outcome = await fetch_image(cdn.session, ref, settings)
         except AttachmentRefused as refused:
             outcome = refused
+    print(f"PNG bomb, bot attachment path: peak growth {peak.mib:.1f} MiB")
     assert peak.mib < 64, f"the bot's peak memory grew by {peak.mib:.0f} MiB"
     assert isinstance(outcome, AttachmentRefused), "a 1×1 PNG of 256 MiB of image data was accepted"
     assert "bomb.png" in str(outcome) and "1×1" in str(outcome)

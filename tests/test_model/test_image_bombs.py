@@ -25,6 +25,7 @@ async def test_png_bomb_in_a_data_url_is_refused_within_bounded_memory(
         with peak_memory() as peak:
             async with http.post(url, json=ask("What is this?", bomb, max_tokens=2)) as resp:
                 status, body = resp.status, await resp.json()
+    print(f"PNG bomb, worker data: URL path: peak growth {peak.mib:.1f} MiB")
     assert peak.mib < 64, f"the worker's peak memory grew by {peak.mib:.0f} MiB"
     assert status == 400, body
     assert body["error"]["code"] == "decompression_bomb"
