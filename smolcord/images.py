@@ -32,7 +32,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 if TYPE_CHECKING:
     from PIL.ImageCms import ImageCmsProfile
@@ -55,9 +55,24 @@ _FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
 _FORMAT_NAMES = "PNG, JPEG, GIF, WebP, BMP, TIFF or AVIF"
 _LOSSY_SOURCES = {"JPEG", "MPO"}
 _JPEG_QUALITIES = (90, 80, 70, 60)  # first one that fits max_bytes wins; 90 almost always does
+# libjpeg-turbo's suggested TJPARAM_SCANLIMIT: real files have ~10 scans; 500 bounds a 40 MP decode
+# to ~2 s of CPU where a 10 MiB file of empty scans would take most of an hour.
+_JPEG_MAX_SCANS = 500
 _PNG_COMPRESS_LEVEL = 6  # zlib's default: level 9 is several times slower for ~2 % smaller files
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel by colour type
+_PNG_BIT_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+# Image data may inflate to this much more than the header implies before it is refused (a valid
+# file has exactly the header's size; libpng only warns about a little extra, so do not be stricter).
+_PNG_SLACK = 64 * 1024
+_INFLATE_STEP = 1024 * 1024  # image data is inflated and discarded in pieces of at most this size
 _MiB = 1024 * 1024
+
+# Pillow keeps up to 64 Mi characters of PNG text (tEXt/zTXt/iTXt, each chunk inflated to at most
+# 1 MiB) per image, as much as 256 MiB of str: a few hundred kilobytes of zTXt chunks would cost
+# more memory than the pixels we allow. All text is dropped anyway; real XMP packets are far smaller.
+PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, 4 * _MiB)
 
 
 class ImageError(ValueError):
@@ -116,8 +131,8 @@ def normalize_image(data: bytes, *, max_bytes: int, max_pixels: int, max_edge: i
         raise _too_many_pixels(None, max_pixels) from None
     except UnidentifiedImageError:
         raise _not_an_image() from None
-    except Exception:
-        raise _corrupt() from None
+    except Exception as exc:
+        raise _decoding_refusal(exc) from None
 
     with image:
         width, height = image.size
@@ -127,6 +142,11 @@ def normalize_image(data: bytes, *, max_bytes: int, max_pixels: int, max_edge: i
             raise _corrupt()
         source_format = image.format or ""
         target = _fit(width, height, max_edge)
+        # Before any pixel is decoded: refuses PNG image data that inflates past the header's size.
+        png_clean = source_format == "PNG" and _check_png(data)
+        if source_format in _LOSSY_SOURCES and _jpeg_scans(data) > _JPEG_MAX_SCANS:
+            # Each progressive scan is a pass over every block, so a few bytes a scan cost seconds of CPU.
+            raise ImageError("too_many_scans", "The JPEG has too many progressive scans; it was refused.")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -137,10 +157,10 @@ def normalize_image(data: bytes, *, max_bytes: int, max_pixels: int, max_edge: i
                 image.load()  # the first frame only: we never seek
         except (Image.DecompressionBombWarning, Image.DecompressionBombError):
             raise _too_many_pixels((width, height), max_pixels) from None
-        except Exception:
-            raise _corrupt() from None
+        except Exception as exc:
+            raise _decoding_refusal(exc) from None
 
-        if target == (width, height) and _is_clean(source_format, data):
+        if target == (width, height) and (png_clean or (source_format == "JPEG" and _is_clean_jpeg(data))):
             return _result(data, width, height, "image/jpeg" if source_format == "JPEG" else "image/png")
 
         orientation = _orientation(image)
@@ -338,14 +358,6 @@ def _result(data: bytes, width: int, height: int, mime: str) -> NormalizedImage:
 # ------------------------------------------------------------------------- clean-file detection
 
 
-def _is_clean(source_format: str, data: bytes) -> bool:
-    if source_format == "JPEG":
-        return _is_clean_jpeg(data)
-    if source_format == "PNG":
-        return _is_clean_png(data)
-    return False
-
-
 def _is_clean_jpeg(data: bytes) -> bool:
     """Baseline JFIF, 3 components, one interleaved scan, no metadata segments, nothing after EOI."""
     if not data.startswith(b"\xff\xd8"):
@@ -390,52 +402,123 @@ def _is_clean_jpeg(data: bytes) -> bool:
 
 def _scan_ends_at_eoi(data: bytes, pos: int) -> bool:
     """Whether the entropy-coded data from `pos` runs to an EOI that ends the file."""
+    pos = _entropy_end(data, pos)
+    return pos + 2 == len(data) and data[pos + 1] == 0xD9
+
+
+def _entropy_end(data: bytes, pos: int) -> int:
+    """Where the entropy-coded data from `pos` ends: the 0xFF of the next marker, or len(data)."""
     while True:
         pos = data.find(b"\xff", pos)
         if pos < 0 or pos + 1 >= len(data):
-            return False
+            return len(data)
         following = data[pos + 1]
         if following == 0x00 or 0xD0 <= following <= 0xD7:  # stuffed 0xFF, restart markers
             pos += 2
         elif following == 0xFF:  # fill byte
             pos += 1
         else:
-            return following == 0xD9 and pos + 2 == len(data)
+            return pos
 
 
-def _is_clean_png(data: bytes) -> bool:
-    """8-bit RGB, not interlaced, only IHDR/IDAT/IEND with valid CRCs, one zlib stream, nothing after IEND."""
+def _jpeg_scans(data: bytes) -> int:
+    """How many scans (SOS segments) the first image of a JPEG has; counting stops at damage or EOI."""
+    pos, end, scans = 2, len(data), 0
+    while pos < end and data[pos] == 0xFF:
+        while pos < end and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= end or data[pos] == 0xD9:  # EOI: what follows (an MPO's next frame) is never decoded
+            break
+        marker = data[pos]
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 1
+            continue
+        pos += 1 + int.from_bytes(data[pos + 1 : pos + 3], "big")
+        if marker == 0xDA:
+            scans += 1
+            pos = _entropy_end(data, pos)
+    return scans
+
+
+def _png_data_size(width: int, height: int, bit_depth: int, colour_type: int, interlace: int) -> int | None:
+    """How many bytes a PNG's image data inflates to, by its header; None for a header PNG does not allow."""
+    channels = _PNG_CHANNELS.get(colour_type)
+    if channels is None or bit_depth not in _PNG_BIT_DEPTHS[colour_type] or interlace not in (0, 1):
+        return None
+    bits = channels * bit_depth
+    total = 0
+    for x0, y0, dx, dy in _ADAM7 if interlace else ((0, 0, 1, 1),):
+        columns, rows = max(0, -(-(width - x0) // dx)), max(0, -(-(height - y0) // dy))
+        if columns and rows:  # an empty pass has no filter bytes either
+            total += rows * (1 + (columns * bits + 7) // 8)
+    return total
+
+
+def _check_png(data: bytes) -> bool:
+    """Refuse image data that inflates past what the header implies; True when the PNG is clean.
+
+    Clean: 8-bit RGB, not interlaced, only IHDR/IDAT/IEND with valid CRCs, one zlib stream of exactly
+    the header's size, nothing after IEND. zlib expands up to ~1000:1, so the data is inflated in
+    bounded steps and never kept: a small file cannot make this (or Pillow after it) use more
+    memory or time than the pixels its header declares.
+    """
     if not data.startswith(_PNG_SIGNATURE):
         return False
     pos, end = len(_PNG_SIGNATURE), len(data)
-    expected = [b"IHDR"]
-    stream = zlib.decompressobj()
+    clean, expected, idat_run = True, -1, "before"  # idat_run: before / in / after the IDAT chunks
+    stream, inflated = zlib.decompressobj(), 0
     while pos + 12 <= end:
         length = int.from_bytes(data[pos : pos + 4], "big")
         kind = data[pos + 4 : pos + 8]
         body = data[pos + 8 : pos + 8 + length]
         crc = data[pos + 8 + length : pos + 12 + length]
-        if len(body) != length or len(crc) != 4 or kind not in expected:
-            return False
-        if zlib.crc32(kind + body) != int.from_bytes(crc, "big"):
-            return False
+        if len(body) != length or len(crc) != 4:
+            return False  # truncated: Pillow decides whether it is readable
         pos += 12 + length
-        if kind == b"IHDR":
-            # bit depth 8, colour type 2 (RGB), compression 0, filter 0, interlace 0
-            if length != 13 or body[8:13] != b"\x08\x02\x00\x00\x00":
+        if clean and zlib.crc32(kind + body) != int.from_bytes(crc, "big"):
+            clean = False
+        if expected < 0:  # the first chunk must be IHDR
+            if kind != b"IHDR" or length != 13:
                 return False
-            expected = [b"IDAT"]
+            width, height = int.from_bytes(body[0:4], "big"), int.from_bytes(body[4:8], "big")
+            size = _png_data_size(width, height, body[8], body[9], body[12])
+            if size is None:
+                return False  # Pillow refuses such headers itself
+            expected = size
+            clean = clean and body[8:13] == b"\x08\x02\x00\x00\x00"  # 8-bit RGB, no interlace
         elif kind == b"IDAT":
-            if stream.eof:  # bytes after the end of the zlib stream: nothing may hide there
-                return False
+            if idat_run == "after" or stream.eof:  # a second run or bytes after the zlib stream
+                clean = False
+                continue
+            idat_run = "in"
             try:
-                stream.decompress(body)
+                inflated += _inflate_bounded(stream, body, expected + _PNG_SLACK - inflated)
             except zlib.error:
-                return False
-            expected = [b"IDAT", b"IEND"]
-        else:  # IEND
-            return pos == end and stream.eof and not stream.unused_data
+                return False  # Pillow reports the damage
+            if inflated > expected + _PNG_SLACK:
+                raise ImageError(
+                    "decompression_bomb",
+                    f"The image's compressed data expands to more than its {width}×{height} pixels need; "
+                    "it was refused.",
+                )
+        elif kind == b"IEND":
+            return clean and pos == end and stream.eof and not stream.unused_data and inflated == expected
+        else:  # any ancillary chunk (or PLTE) makes the file not clean; it ends an IDAT run
+            clean = False
+            idat_run = "after" if idat_run == "in" else idat_run
     return False
+
+
+def _inflate_bounded(stream: zlib._Decompress, data: bytes, room: int) -> int:
+    """Bytes `data` inflates to, counted in 1 MiB steps and thrown away; stops once past `room`."""
+    total = 0
+    while True:
+        out = len(stream.decompress(data, _INFLATE_STEP))
+        total += out
+        data = stream.unconsumed_tail
+        # an output-limited call can leave output pending with no input left: ask again until a short one
+        if total > room or (not data and out < _INFLATE_STEP):
+            return total
 
 
 # ------------------------------------------------------------------------------------ messages
@@ -451,6 +534,13 @@ def _not_an_image() -> ImageError:
 
 def _corrupt() -> ImageError:
     return ImageError("corrupt", "The image file is damaged or incomplete.")
+
+
+def _decoding_refusal(exc: Exception) -> ImageError:
+    """What to tell the user when Pillow gave up on a file."""
+    if isinstance(exc, ValueError) and "MAX_TEXT" in str(exc):  # PngImagePlugin's text limits
+        return ImageError("too_much_metadata", "The image carries too much text metadata; it was refused.")
+    return _corrupt()
 
 
 def _too_many_pixels(size: tuple[int, int] | None, max_pixels: int) -> ImageError:

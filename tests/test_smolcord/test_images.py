@@ -1,10 +1,11 @@
-"""Image normalisation: orientation, metadata, modes, limits, idempotence, data URLs."""
+"""Image normalisation: orientation, metadata, modes, limits, bombs, idempotence, data URLs, fuzzing."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import io
+import operator
 import random
 import struct
 import time
@@ -14,11 +15,15 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from image_bombs import peak_memory, png_bomb, png_chunk
 from PIL import Image, ImageCms, ImageFile, PngImagePlugin
 
 from smolcord.images import (
     ImageError,
     NormalizedImage,
+    _png_data_size,
     decode_data_url,
     image_path,
     normalize_image,
@@ -51,10 +56,6 @@ def photo(size=(600, 400)) -> Image.Image:
     image = Image.linear_gradient("L").resize(size).convert("RGB")
     image.paste(Image.new("RGB", (width // 5, height // 5), RED), (0, 0))
     return image
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def bomb_png(width: int, height: int, *, real_data: bool = True) -> bytes:
@@ -256,6 +257,114 @@ def test_oversize_jpeg_shrunk():
     assert close(decode(result.data).getpixel((10, 10)), RED)
 
 
+# --------------------------------------------------------------------------- decompression bombs
+
+
+def test_png_bomb_refused_within_bounded_memory():
+    source = png_bomb(256)  # 1×1 pixel, 8-bit RGB: the clean-file header; 256 MiB of zeros inflated
+    assert len(source) < 300_000
+    with peak_memory() as peak:
+        try:
+            normalize_image(source, **LIMITS)
+        except ImageError as error:
+            outcome = error
+    print(f"PNG bomb, normalize_image: peak growth {peak.mib:.1f} MiB")
+    assert peak.mib < 64, f"peak memory grew by {peak.mib:.0f} MiB"
+    assert isinstance(outcome, ImageError), "a 1×1 PNG of 256 MiB of image data was accepted"
+    assert outcome.code == "decompression_bomb" and outcome.status == 400
+    assert "1×1" in outcome.message
+
+
+@pytest.mark.parametrize(
+    ("colour_type", "interlace", "size"),
+    [(6, 1, (3, 5)), (0, 0, (40, 1)), (3, 0, (1, 1)), (2, 1, (17, 9))],
+    ids=["rgba-interlaced", "grey", "palette", "rgb-interlaced"],
+)
+def test_png_bomb_refused_whatever_the_header(colour_type, interlace, size):
+    # not only the clean-file header: every PNG's image data is bounded by what its header implies
+    error = refused(png_bomb(8, size=size, colour_type=colour_type, interlace=interlace))
+    assert error.code == "decompression_bomb"
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (9, 17), (33, 2), (8, 8)])
+@pytest.mark.parametrize(
+    ("colour_type", "bit_depth"), [(0, 1), (0, 4), (0, 16), (2, 8), (3, 2), (4, 8), (6, 16)]
+)
+@pytest.mark.parametrize("interlace", [0, 1])
+def test_png_data_size_is_what_pillow_decodes(size, colour_type, bit_depth, interlace):
+    """The bound is exact: one byte less than the header's size is a truncated image to Pillow."""
+    expected = _png_data_size(*size, bit_depth, colour_type, interlace)
+    assert expected is not None
+
+    def png(image_data: bytes) -> bytes:
+        header = struct.pack(">IIBBBBB", *size, bit_depth, colour_type, 0, 0, interlace)
+        palette = png_chunk(b"PLTE", bytes(3 * 256)) if colour_type == 3 else b""
+        return (
+            b"\x89PNG\r\n\x1a\n"
+            + png_chunk(b"IHDR", header)
+            + palette
+            + png_chunk(b"IDAT", zlib.compress(image_data))
+            + png_chunk(b"IEND", b"")
+        )
+
+    assert decode(png(bytes(expected))).size == size
+    with pytest.raises(OSError):
+        decode(png(bytes(expected - 1)))
+    result = normalize_image(png(bytes(expected)), **LIMITS)
+    assert (result.width, result.height) == size
+
+
+def test_png_with_a_little_extra_image_data_is_reencoded_not_refused():
+    clean = normalize_image(encode(photo((40, 30)), "PNG"), **LIMITS).data
+    raw = zlib.decompress(clean[clean.index(b"IDAT") + 4 :].split(b"IEND")[0][:-8])
+    header = clean[8 : clean.index(b"IDAT") - 4]
+    extra = (
+        b"\x89PNG\r\n\x1a\n"
+        + header
+        + png_chunk(b"IDAT", zlib.compress(raw + bytes(100)))
+        + png_chunk(b"IEND", b"")
+    )
+    assert normalize_image(extra, **LIMITS).data == clean  # libpng accepts this: so do we, cleaned
+
+
+def _text_bomb(chunks: int, kind: bytes, text: str) -> bytes:
+    compressed = zlib.compress((text * ((1 << 20) // len(text.encode()))).encode(), 9)
+    body = {b"zTXt": b"\0\0" + compressed, b"iTXt": b"\0\1\0\0\0" + compressed}[kind]
+    texts = b"".join(png_chunk(kind, b"key%d" % i + body) for i in range(chunks))
+    clean = encode(Image.new("RGB", (2, 2)), "PNG")
+    at = clean.index(b"IDAT") - 4
+    return clean[:at] + texts + clean[at:]
+
+
+@pytest.mark.parametrize(
+    ("chunks", "kind", "text"),
+    [(40, b"zTXt", "x"), (70, b"zTXt", "x"), (200, b"iTXt", "中")],
+    ids=["40-MiB-ztxt", "70-MiB-ztxt", "cjk-itxt"],
+)
+def test_compressed_text_chunks_cannot_use_much_memory(chunks, kind, text):
+    source = _text_bomb(chunks, kind, text)  # each chunk ~1 KB, inflating to 1 MiB of text
+    assert len(source) < 250_000
+    with peak_memory() as peak:
+        error = refused(source)
+    assert peak.mib < 64, f"peak memory grew by {peak.mib:.0f} MiB"
+    assert error.code == "too_much_metadata" and "metadata" in error.message
+
+
+def test_a_few_compressed_text_chunks_are_fine():
+    result = normalize_image(_text_bomb(2, b"zTXt", "x"), **LIMITS)
+    assert b"zTXt" not in result.data
+
+
+def test_jpeg_with_too_many_scans_refused():
+    progressive = encode(photo((800, 800)), "JPEG", progressive=True)
+    assert progressive.count(b"\xff\xda") == 10  # libjpeg's default progressive script
+    # empty AC refinement scans of the first component: a few bytes each, a pass over every block
+    empty_scan = b"\xff\xda\x00\x08\x01\x01\x00\x01\x3f\x10"
+    assert normalize_image(progressive[:-2] + empty_scan * 400 + b"\xff\xd9", **LIMITS).width == 800
+    error = refused(progressive[:-2] + empty_scan * 600 + b"\xff\xd9")
+    assert error.code == "too_many_scans" and error.status == 400
+
+
 # ------------------------------------------------------------------------------- broken inputs
 
 
@@ -406,3 +515,143 @@ def test_image_path_is_sharded(tmp_path: Path):
             image_path(tmp_path, bad, ".png")
     with pytest.raises(ValueError):
         image_path(tmp_path, digest, "/../x")
+
+
+# --------------------------------------------------------------------------------------- fuzzing
+
+# Small limits: a mutated header may declare any size up to max_pixels, and decoding that many
+# pixels is legitimate work; bounded here so the memory bound below says something.
+FUZZ_LIMITS = {"max_bytes": 1024 * 1024, "max_pixels": 1_000_000, "max_edge": 256}
+FUZZ_PEAK_MIB = 64
+
+
+@cache
+def _fuzz_seeds() -> dict[str, bytes]:
+    """Small valid files of every family we accept, built by Pillow: what mutations start from."""
+    picture = photo((36, 24))
+    frames = [Image.new("P", (20, 12), i) for i in range(3)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=40)
+    webp_anim = io.BytesIO()
+    picture.save(webp_anim, "WEBP", save_all=True, append_images=[picture.rotate(90)], duration=40)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "hello", zip=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return {
+        "png": normalize_image(encode(picture, "PNG"), **LIMITS).data,  # the clean form
+        "png rgba text": encode(picture.convert("RGBA"), "PNG", pnginfo=info),
+        "png palette": encode(picture.convert("P"), "PNG", transparency=0),
+        "png 16-bit": encode(picture.convert("I;16"), "PNG"),
+        "jpeg": encode(picture, "JPEG", quality=80),
+        "jpeg progressive exif": encode(picture, "JPEG", progressive=True, exif=exif),
+        "gif": gif.getvalue(),
+        "webp": encode(picture, "WEBP", quality=70),
+        "webp lossless": encode(picture, "WEBP", lossless=True),
+        "webp animated": webp_anim.getvalue(),
+    }
+
+
+_SEED_NAMES = sorted(_fuzz_seeds())
+_KEEP = 12  # the longest signature (WebP's RIFF....WEBP) that mutations leave alone
+_PNG = b"\x89PNG\r\n\x1a\n"
+_MAGIC = [b"", _PNG, b"\xff\xd8\xff\xe0", b"GIF89a", b"RIFF\x00\x00\x00\x00WEBPVP8 "]
+
+
+def _normalises_or_refuses(data: bytes) -> str:
+    """The property: a normalised image that normalises to itself, or the module's refusal; nothing else."""
+    try:
+        once = normalize_image(data, **FUZZ_LIMITS)
+    except ImageError as error:
+        assert error.code and error.message and error.status in (400, 413)
+        return error.code
+    assert normalize_image(once.data, **FUZZ_LIMITS) == once  # idempotent, byte for byte
+    image = decode(once.data)
+    assert image.mode == "RGB" and image.size == (once.width, once.height)
+    assert max(image.size) <= FUZZ_LIMITS["max_edge"] and len(once.data) <= FUZZ_LIMITS["max_bytes"]
+    return "ok"
+
+
+def _fuzz(name: str, strategy, examples: int) -> None:
+    """Run the property over `examples` generated files within the peak-memory bound; count what was tried."""
+    outcomes: dict[str, int] = {}
+
+    @settings(max_examples=examples)
+    @given(strategy)
+    def check(data: bytes) -> None:
+        outcome = _normalises_or_refuses(data)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    with peak_memory() as peak:
+        check()
+    tried = sum(outcomes.values())
+    print(f"image fuzz {name}: {tried} inputs, peak growth {peak.mib:.0f} MiB, outcomes {outcomes}")
+    assert tried >= examples  # hypothesis ran them all (none filtered away)
+    assert peak.mib < FUZZ_PEAK_MIB
+
+
+def _truncated():
+    return st.builds(
+        lambda name, cut: _fuzz_seeds()[name][: cut % (len(_fuzz_seeds()[name]) + 1)],
+        st.sampled_from(_SEED_NAMES),
+        st.integers(0, 1 << 20),
+    )
+
+
+def _mutated():
+    """A seed with a few bytes overwritten, inserted or deleted (the signature kept: noise covers that)."""
+
+    def mutate(name: str, edits: list[tuple[int, int, int]]) -> bytes:
+        data = bytearray(_fuzz_seeds()[name])
+        for where, kind, value in edits:
+            at = _KEEP + where % (len(data) - _KEEP + 1)
+            if kind == 0 and at < len(data):
+                data[at] = value
+            elif kind == 1:
+                data[at:at] = bytes([value]) * (value % 7 + 1)
+            else:
+                del data[at : at + value % 9 + 1]
+        return bytes(data)
+
+    edit = st.tuples(st.integers(0, 1 << 20), st.integers(0, 2), st.integers(0, 255))
+    return st.builds(mutate, st.sampled_from(_SEED_NAMES), st.lists(edit, min_size=1, max_size=6))
+
+
+def _mutated_png_chunks():
+    """A PNG seed with bytes of one chunk changed and its CRC fixed: past the CRC check, into the decoders."""
+
+    def mutate(name: str, which: int, edits: list[tuple[int, int]]) -> bytes:
+        data = _fuzz_seeds()[name]
+        chunks, pos = [], 8
+        while pos < len(data):
+            length = struct.unpack(">I", data[pos : pos + 4])[0]
+            chunks.append([data[pos + 4 : pos + 8], bytearray(data[pos + 8 : pos + 8 + length])])
+            pos += 12 + length
+        _, body = chunks[which % len(chunks)]
+        for where, value in edits:
+            if body:
+                body[where % len(body)] = value
+        return _PNG + b"".join(png_chunk(kind, bytes(body)) for kind, body in chunks)
+
+    pngs = [name for name in _SEED_NAMES if name.startswith("png")]
+    edit = st.tuples(st.integers(0, 1 << 20), st.integers(0, 255))
+    return st.builds(
+        mutate, st.sampled_from(pngs), st.integers(0, 15), st.lists(edit, min_size=1, max_size=4)
+    )
+
+
+def test_fuzz_random_bytes():
+    magic_then_noise = st.builds(operator.add, st.sampled_from(_MAGIC), st.binary(max_size=600))
+    _fuzz("random bytes", magic_then_noise, 250)
+
+
+def test_fuzz_truncated_files():
+    _fuzz("truncated", _truncated(), 200)
+
+
+def test_fuzz_mutated_files():
+    _fuzz("mutated", _mutated(), 400)
+
+
+def test_fuzz_png_chunks_with_valid_crcs():
+    _fuzz("png chunks, valid CRCs", _mutated_png_chunks(), 250)
