@@ -27,10 +27,12 @@ test: $(STAMP)
 test-postgres: $(STAMP)
 	bash .ci/postgres.sh
 
+# ruff (lint + format), mypy, and the layering of DESIGN.md as import-linter contracts (pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
