@@ -14,14 +14,15 @@ import contextlib
 import logging
 import random
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import discord
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.consent_notices import ConsentNotices, consent_text, notice_state
 from bot.conversation import (
     IMAGE_TOKENS_GUESS,
     Question,
@@ -32,15 +33,20 @@ from bot.conversation import (
     worker_messages,
 )
 from bot.limits import ChannelPacer, Cooldown, InflightLimit
-from bot.notices import ConsentNotices, RecentAnswers, consent_text, notice_state
+from bot.recent_answers import RecentAnswers
 from bot.text import CURSOR, footer, served_version, split_message
 from feedback.store import service
 from feedback.store.errors import FeedbackError
 from feedback.store.votes import REGENERATE, THUMBS_DOWN, THUMBS_UP
-from smolcord.worker_client import ChatResult, WorkerBusy, WorkerDown, WorkerError, WorkerTimeout
-
-if TYPE_CHECKING:
-    from bot.app import SmolcordBot
+from smolcord.settings import Settings
+from smolcord.worker_client import (
+    ChatResult,
+    WorkerBusy,
+    WorkerClient,
+    WorkerDown,
+    WorkerError,
+    WorkerTimeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,23 +221,25 @@ class Answer:
     message_ids: tuple[int, ...]
 
 
-_ANSWERERS: weakref.WeakKeyDictionary[Any, Answerer] = weakref.WeakKeyDictionary()
-
-
-def answerer_for(bot: SmolcordBot) -> Answerer:
-    """The bot's one Answerer (shared by the chat and feedback cogs: one pacer, one set of limits)."""
-    answerer = _ANSWERERS.get(bot)
-    if answerer is None:
-        answerer = _ANSWERERS[bot] = Answerer(bot)
-    return answerer
-
-
 class Answerer:
-    """Streams answers with the bot's limits, records them, and adds the vote reactions."""
+    """Streams answers with the bot's limits, records them, and adds the vote reactions.
 
-    def __init__(self, bot: SmolcordBot) -> None:
-        self.bot = bot
-        self.settings = bot.settings
+    One per bot, shared by the chat and votes cogs (one pacer, one set of limits): `main()` builds it
+    with the store and the worker and gives it to the bot, whose constructor attaches itself as the
+    Discord client that answers' messages are reached through.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        sessions: async_sessionmaker[AsyncSession],
+        worker: WorkerClient,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.worker = worker
+        self._client: discord.Client | None = None
         self.pacer = ChannelPacer(EDIT_INTERVAL_S)
         self.cooldown = Cooldown(self.settings.cooldown_s)
         self.inflight = InflightLimit(self.settings.guild_inflight)  # per guild
@@ -243,6 +251,16 @@ class Answerer:
         self.deleted_questions: deque[int] = deque(maxlen=1000)
         self._max_model_len: int | None = None
         self._image_tokens: int | None = None  # measured from the worker's usage; None: not yet
+
+    def attach(self, client: discord.Client) -> None:
+        """Reach messages by id through this client (the bot, once it is built)."""
+        self._client = client
+
+    @property
+    def client(self) -> discord.Client:
+        if self._client is None:
+            raise RuntimeError("this Answerer is not attached to a bot")
+        return self._client
 
     # ------------------------------------------------------------------ limits
 
@@ -278,7 +296,7 @@ class Answerer:
         """The worker's context length from /v1/models, asked once (None while the worker is not ready)."""
         if self._max_model_len is None:
             try:
-                info = await self.bot.worker.ready()
+                info = await self.worker.ready()
             except WorkerError:
                 return None
             self._max_model_len = int(info.get("max_model_len") or 0) or None
@@ -340,7 +358,7 @@ class Answerer:
                 history = []
         version = served_version(result.model)
         try:
-            async with self.bot.sessions() as session:
+            async with self.sessions() as session:
                 prompt = await service.record_prompt(
                     session,
                     settings=settings,
@@ -419,7 +437,7 @@ class Answerer:
 
         async def pump() -> None:
             try:
-                async for item in self.bot.worker.stream_chat(
+                async for item in self.worker.stream_chat(
                     messages,
                     max_tokens=sampling.max_tokens,
                     temperature=sampling.temperature,
@@ -487,7 +505,7 @@ class Answerer:
         *,
         regenerated: bool,
     ) -> int:
-        async with self.bot.sessions() as session:
+        async with self.sessions() as session:
             return await service.record_response(
                 session,
                 prompt_id=prompt_id,
@@ -514,7 +532,7 @@ class Answerer:
         log.info(
             "answered in channel %s: response %s, %d messages", channel_id, response_id, len(display.messages)
         )
-        last = self.bot.get_partial_messageable(channel_id, guild_id=guild_id).get_partial_message(
+        last = self.client.get_partial_messageable(channel_id, guild_id=guild_id).get_partial_message(
             display.message_ids[-1]
         )
         try:
@@ -532,7 +550,7 @@ class Answerer:
         answer, and again in the next answer after the server's learning changed (`/learning`)."""
         learning = False
         if guild_id is not None:
-            async with self.bot.sessions() as session:
+            async with self.sessions() as session:
                 consent = await service.get_guild_settings(session, settings=self.settings, guild_id=guild_id)
             learning = consent.learning
         state = notice_state(in_dm=guild_id is None, learning=learning)
@@ -549,7 +567,7 @@ class Answerer:
 
     async def forget_message(self, channel_id: int, message_id: int) -> service.Deletion:
         """Delete what was stored of a deleted message, and the bot's answer messages that went with it."""
-        async with self.bot.sessions() as session:
+        async with self.sessions() as session:
             deletion = await service.delete_message(session, settings=self.settings, message_id=message_id)
         await self.delete_answer_messages(channel_id, [m for m in deletion.message_ids if m != message_id])
         self.recent.forget(set(deletion.response_ids))
@@ -557,7 +575,7 @@ class Answerer:
 
     async def delete_answer_messages(self, channel_id: int, message_ids: list[int]) -> None:
         """Delete the bot's own messages (no permission needed for those); gone already is fine."""
-        channel = self.bot.get_partial_messageable(channel_id)
+        channel = self.client.get_partial_messageable(channel_id)
         for message_id in message_ids:
             with contextlib.suppress(discord.NotFound, discord.Forbidden):
                 await channel.get_partial_message(message_id).delete()

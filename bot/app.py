@@ -1,4 +1,4 @@
-"""The bot process: a discord.py client given its HTTP session, store sessions and worker client."""
+"""The bot process: a discord.py client given its HTTP session, store sessions, worker and answerer."""
 
 from __future__ import annotations
 
@@ -13,17 +13,19 @@ import discord
 from discord.ext import commands
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.checks import on_app_command_error
+from bot.answering import Answerer
 from smolcord.registry import AdapterRegistry
 from smolcord.settings import Settings
 from smolcord.worker_client import WorkerClient
 
 log = logging.getLogger(__name__)
 
-# One cog per feature (python-discord/bot style); each module ends in `async def setup(bot)`.
+# One cog per feature (python-discord/bot style); each module ends in `async def setup(bot)`. The
+# error handler is an extension too, loaded first so that it answers the others' failures.
 EXTENSIONS: Sequence[str] = (
+    "bot.cogs.errors",
     "bot.cogs.chat",
-    "bot.cogs.feedback",
+    "bot.cogs.votes",
     "bot.cogs.privacy",
     "bot.cogs.admin",
     "bot.cogs.training",
@@ -40,6 +42,7 @@ class SmolcordBot(commands.Bot):
         http_session: aiohttp.ClientSession,
         sessions: async_sessionmaker[AsyncSession],
         worker: WorkerClient,
+        answerer: Answerer,
         registry: AdapterRegistry | None = None,
         extensions: Sequence[str] = EXTENSIONS,
         **options: Any,
@@ -58,11 +61,12 @@ class SmolcordBot(commands.Bot):
         self.http_session = http_session
         self.sessions = sessions
         self.worker = worker
+        self.answerer = answerer  # shared by the chat and votes cogs
+        answerer.attach(self)
         self.registry = registry or AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir)
         self.initial_extensions = list(extensions)
 
     async def setup_hook(self) -> None:
-        self.tree.on_error = on_app_command_error  # type: ignore[method-assign]  # the one error handler
         for extension in self.initial_extensions:
             await self.load_extension(extension)
         await self.sync_commands_if_changed()

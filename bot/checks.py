@@ -1,4 +1,4 @@
-"""Server-side permission checks for the slash commands, and the one handler that answers their failures.
+"""Server-side permission checks for the slash commands (their failures are answered by cogs/errors.py).
 
 `default_permissions` on a command is only a hint to Discord's client (server admins can change it,
 and it works on top-level commands only), so every privileged command checks here as well:
@@ -11,9 +11,7 @@ and it works on top-level commands only), so every privileged command checks her
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import discord
 from discord import app_commands
@@ -28,14 +26,10 @@ __all__ = [
     "NotServerManager",
     "Refused",
     "is_bot_admin",
-    "on_app_command_error",
     "require_bot_admin",
     "require_owner",
     "require_server_manager",
-    "send_ephemeral",
 ]
-
-log = logging.getLogger(__name__)
 
 
 class Refused(app_commands.CheckFailure):
@@ -92,46 +86,3 @@ async def require_server_manager(interaction: discord.Interaction) -> bool:
     if interaction.permissions.manage_guild or await is_bot_admin(interaction):
         return True
     raise NotServerManager()
-
-
-async def send_ephemeral(interaction: discord.Interaction, content: str) -> None:
-    """Answer only the user: the response if none was sent yet, else a follow-up."""
-    if interaction.response.is_done():
-        await interaction.followup.send(content, ephemeral=True)
-    else:
-        await interaction.response.send_message(content, ephemeral=True)
-
-
-def _command_name(interaction: discord.Interaction) -> str:
-    command = interaction.command
-    if command is not None:
-        return "/" + command.qualified_name
-    data: Mapping[str, Any] = interaction.data or {}
-    return str(data.get("custom_id") or data.get("name") or "?")
-
-
-async def on_app_command_error(interaction: discord.Interaction, error: Exception) -> None:
-    """The one error handler of the command tree (and of the bot's buttons): say what went wrong, briefly."""
-    name = _command_name(interaction)
-    if isinstance(error, Refused):
-        log.info("refused %s for user %s: %s", name, interaction.user.id, type(error).__name__)
-        message = str(error)
-    elif isinstance(error, app_commands.CheckFailure):
-        log.info("refused %s for user %s: %s", name, interaction.user.id, type(error).__name__)
-        message = "You can't use that here."
-    elif isinstance(error, app_commands.TransformerError):
-        message = f"I couldn't read `{error.value}` as a {error.type.name.lower()}."
-    else:
-        original = getattr(error, "original", error)
-        log.error(
-            "%s failed for user %s in guild %s",
-            name,
-            interaction.user.id,
-            interaction.guild_id,
-            exc_info=original,
-        )
-        message = "Something went wrong on my side. It has been logged; please try again later."
-    try:
-        await send_ephemeral(interaction, message)
-    except discord.HTTPException as exc:  # the interaction expired, or Discord is unreachable
-        log.warning("could not report an error of %s to user %s (%s)", name, interaction.user.id, exc.status)

@@ -21,16 +21,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TOKEN_HELP = """\
-DISCORD_TOKEN is not set. To get one:
-  1. Open https://discord.com/developers/applications and press "New Application".
-  2. In "Bot", press "Reset Token" and copy it. No privileged intent is needed.
-  3. Put it in a .env file beside where you run smolcord:  DISCORD_TOKEN=...
-  4. Invite the bot: in "OAuth2 → URL Generator" tick `bot` and `applications.commands`, then the
-     permissions View Channels, Send Messages, Send Messages in Threads, Read Message History,
-     Add Reactions, Attach Files and Embed Links; open the generated URL and pick your server.
-The README walks through it with screenshots' worth of detail."""
-
 # Test-only: a Discord-compatible server at another address (tests/fake_discord.py's FakeDiscord, for
 # a bot running in a child process, as `smolcord run` starts it). Unset in production.
 API_BASE_ENV = "SMOLCORD_DISCORD_API_BASE"  # e.g. http://127.0.0.1:PORT/api/v10
@@ -50,10 +40,11 @@ async def run_bot(settings: Settings) -> None:
     is stopped, and unwinds), then the store. Ctrl-C closes it at once; the store still outlives
     the handlers.
     """
-    from bot.app import SmolcordBot  # discord.py is imported only by the processes that need it
+    # discord.py is imported only by the processes that need it
+    from bot.answering import Answerer
+    from bot.app import SmolcordBot
 
-    if settings.discord_token is None:
-        raise SystemExit(TOKEN_HELP)
+    discord_token = settings.require_discord_token()
     _use_discord_at(os.environ.get(API_BASE_ENV), os.environ.get(GATEWAY_ENV))
     engine = create_engine(settings.db_url)
     timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=settings.request_timeout_s + 30)
@@ -61,13 +52,18 @@ async def run_bot(settings: Settings) -> None:
         async with aiohttp.ClientSession(timeout=timeout) as http_session:
             token = settings.worker_token.get_secret_value() if settings.worker_token else None
             worker = WorkerClient(http_session, settings.worker_url, token=token, model=settings.worker_model)
+            sessions = sessionmaker(engine)
             bot = SmolcordBot(
-                settings=settings, http_session=http_session, sessions=sessionmaker(engine), worker=worker
+                settings=settings,
+                http_session=http_session,
+                sessions=sessions,
+                worker=worker,
+                answerer=Answerer(settings=settings, sessions=sessions, worker=worker),
             )
             try:
                 async with bot:
                     with _close_on_sigterm(bot):
-                        await bot.start(settings.discord_token.get_secret_value())
+                        await bot.start(discord_token)
             finally:
                 await _drain_handlers(DRAIN_S)
     finally:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from smolcord.settings import Settings, get_settings
+from smolcord.settings import MissingDiscordToken, Settings, get_settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -223,16 +223,14 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _bot(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require_discord_token()  # before anything is imported or migrated
     import asyncio
 
     import discord
 
-    from bot.main import TOKEN_HELP, run_bot
+    from bot.main import run_bot
     from feedback.store.db import upgrade_to_head
 
-    if settings.discord_token is None:
-        print(TOKEN_HELP, file=sys.stderr)
-        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_to_head(settings.db_url)  # before the event loop starts: Alembic runs one of its own
     try:
@@ -248,15 +246,11 @@ def _bot(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _sync(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require_discord_token()  # before anything is imported
     import asyncio
 
     import discord
 
-    from bot.main import TOKEN_HELP
-
-    if settings.discord_token is None:
-        print(TOKEN_HELP, file=sys.stderr)
-        return 2
     guild_id = args.guild if args.guild is not None else settings.dev_guild_id
     try:
         count = asyncio.run(_sync_commands(settings, guild_id))
@@ -276,27 +270,30 @@ async def _sync_commands(settings: Settings, guild_id: int | None) -> int:
     """Log in (REST only, no gateway), load the cogs, register their commands, log out."""
     import aiohttp
 
+    from bot.answering import Answerer
     from bot.app import SmolcordBot
     from feedback.store.db import create_engine, sessionmaker
     from smolcord.worker_client import WorkerClient
 
-    assert settings.discord_token is not None
-    token = settings.discord_token.get_secret_value()
+    token = settings.require_discord_token()
     # Logging in runs setup_hook, whose sync-if-changed targets the dev guild: make that the guild
     # asked for here, so `--guild` never also syncs globally (or the other way round).
     settings = settings.model_copy(update={"dev_guild_id": guild_id})
     engine = create_engine(settings.db_url)  # the cogs need a store to be built; nothing connects to it
     try:
         async with aiohttp.ClientSession() as http:
+            sessions = sessionmaker(engine)
+            worker = WorkerClient(
+                http,
+                settings.worker_url,
+                token=settings.worker_token.get_secret_value() if settings.worker_token else None,
+            )
             bot = SmolcordBot(
                 settings=settings,
                 http_session=http,
-                sessions=sessionmaker(engine),
-                worker=WorkerClient(
-                    http,
-                    settings.worker_url,
-                    token=settings.worker_token.get_secret_value() if settings.worker_token else None,
-                ),
+                sessions=sessions,
+                worker=worker,
+                answerer=Answerer(settings=settings, sessions=sessions, worker=worker),
             )
             async with bot:
                 await bot.login(token)
@@ -396,7 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # pydantic's ValidationError: say which setting is wrong, no traceback
         print(f"smolcord: bad settings:\n{exc}", file=sys.stderr)
         return 2
-    return int(args.handler(args, settings) or 0)
+    try:
+        return int(args.handler(args, settings) or 0)
+    except MissingDiscordToken as exc:  # `bot`, `sync` and `run` need one: say how to get it
+        print(exc, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

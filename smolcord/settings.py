@@ -35,6 +35,24 @@ def _split(value: Any) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
+DISCORD_TOKEN_HELP = """\
+DISCORD_TOKEN is not set. To get one:
+  1. Open https://discord.com/developers/applications and press "New Application".
+  2. In "Bot", press "Reset Token" and copy it. No privileged intent is needed.
+  3. Put it in a .env file beside where you run smolcord:  DISCORD_TOKEN=...
+  4. Invite the bot: in "OAuth2 → URL Generator" tick `bot` and `applications.commands`, then the
+     permissions View Channels, Send Messages, Send Messages in Threads, Read Message History,
+     Add Reactions, Attach Files and Embed Links; open the generated URL and pick your server.
+The README walks through it with screenshots' worth of detail."""
+
+
+class MissingDiscordToken(RuntimeError):
+    """DISCORD_TOKEN is not set; the message says how to get one (the CLI prints it and exits 2)."""
+
+    def __init__(self) -> None:
+        super().__init__(DISCORD_TOKEN_HELP)
+
+
 CommaList = Annotated[list[str], NoDecode]
 CommaIds = Annotated[list[int], NoDecode]
 
@@ -184,6 +202,12 @@ class Settings(BaseSettings):
     @property
     def locks_dir(self) -> Path:
         return self.data_dir / "locks"
+
+    def require_discord_token(self) -> str:
+        """The Discord token; MissingDiscordToken, saying how to get one, when it is not set."""
+        if self.discord_token is None:
+            raise MissingDiscordToken()
+        return self.discord_token.get_secret_value()
 
     @property
     def worker_host_port(self) -> tuple[str, int]:

@@ -48,12 +48,8 @@ _PR_SET_PDEATHSIG = 1
 
 
 def run(settings: Settings) -> int:
-    """The `smolcord run` command: token check, migration, then the two children until stopped."""
-    from bot.main import TOKEN_HELP
-
-    if settings.discord_token is None:
-        print(TOKEN_HELP, file=sys.stderr)
-        return 2
+    """The `smolcord run` command: token check (MissingDiscordToken), migration, then the two children."""
+    settings.require_discord_token()  # the bot child would fail without it: say so before migrating
     from feedback.store.db import upgrade_to_head
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)

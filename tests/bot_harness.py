@@ -63,6 +63,7 @@ async def running_bot(
     Keyword overrides become bot settings. Defaults for tests: no cooldown, the fake's CDN as the
     only attachment host, the test guild as the dev guild (commands sync there).
     """
+    from bot.answering import Answerer
     from bot.app import SmolcordBot
     from feedback.store.db import create_engine, sessionmaker
     from smolcord.worker_client import WorkerClient
@@ -96,11 +97,14 @@ async def running_bot(
         db = create_engine(settings.db_url)
         stack.push_async_callback(db.dispose)
         http = await stack.enter_async_context(aiohttp.ClientSession())
+        sessions = sessionmaker(db)
+        worker_client = WorkerClient(http, settings.worker_url)
         bot = SmolcordBot(
             settings=settings,
             http_session=http,
-            sessions=sessionmaker(db),
-            worker=WorkerClient(http, settings.worker_url),
+            sessions=sessions,
+            worker=worker_client,
+            answerer=Answerer(settings=settings, sessions=sessions, worker=worker_client),
             **CLIENT_OPTIONS,
         )
         await stack.enter_async_context(fake.run_client(bot))

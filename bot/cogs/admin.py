@@ -11,7 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.checks import require_bot_admin, require_owner
-from bot.scheduler import TrainingReadiness, next_nightly_run
+from bot.nightly import TrainingReadiness, next_nightly_run
 from feedback.store import service
 from feedback.store.adapters import RollbackRefused, roll_back
 from smolcord.registry import RegistryError

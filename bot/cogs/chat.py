@@ -12,7 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.answering import NO_MENTIONS, InteractionDestination, ReplyDestination, answerer_for
+from bot.answering import NO_MENTIONS, InteractionDestination, ReplyDestination
 from bot.attachments import AttachmentRef, AttachmentRefused, fetch_image
 from bot.conversation import DEFAULT_IMAGE_QUESTION, Question
 from feedback.store import service
@@ -44,7 +44,7 @@ class Chat(commands.Cog):
     def __init__(self, bot: SmolcordBot) -> None:
         self.bot = bot
         self.settings = bot.settings
-        self.answerer = answerer_for(bot)
+        self.answerer = bot.answerer
 
     # ------------------------------------------------------------------ where the bot answers
 

@@ -10,7 +10,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.checks import on_app_command_error, require_server_manager
+from bot.checks import require_server_manager
+from bot.cogs.errors import on_app_command_error
 from feedback.store import service
 
 if TYPE_CHECKING:
@@ -44,6 +45,16 @@ class ForgetButton(
     ) -> ForgetButton:
         return cls(match["action"], int(match["user_id"]))
 
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:  # type: ignore[override]
+        """Only the user who asked to be forgotten may press these (discord.py's dynamic_counter)."""
+        if interaction.user.id == self.user_id:
+            return True
+        try:
+            await interaction.response.send_message("These buttons are not yours.", ephemeral=True)
+        except Exception as exc:  # views have no tree: route failures to the same handler
+            await on_app_command_error(interaction, exc)
+        return False
+
     async def callback(self, interaction: discord.Interaction) -> None:
         try:
             await self._answer(interaction)
@@ -51,9 +62,6 @@ class ForgetButton(
             await on_app_command_error(interaction, exc)
 
     async def _answer(self, interaction: discord.Interaction) -> None:
-        if interaction.user.id != self.user_id:
-            await interaction.response.send_message("These buttons are not yours.", ephemeral=True)
-            return
         if self.action == "cancel":
             await interaction.response.edit_message(content="Cancelled: nothing was deleted.", view=None)
             return

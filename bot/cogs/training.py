@@ -11,15 +11,8 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord.ext import commands, tasks
 
-from bot.scheduler import (
-    RunInProgress,
-    RunResult,
-    TrainingProgress,
-    TrainingRunner,
-    nightly_time,
-    should_train,
-    training_readiness,
-)
+from bot.nightly import nightly_time, should_train, training_readiness
+from bot.training_runner import RunInProgress, RunResult, TrainingProgress, TrainingRunner
 from feedback.store.service import purge_expired
 from smolcord.registry import RegistryError
 from smolcord.trainlock import training_running

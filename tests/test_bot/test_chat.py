@@ -15,7 +15,6 @@ from aiohttp import web
 from fake_discord import FakeMessage
 from PIL import Image
 
-from bot.answering import answerer_for
 from bot.conversation import fit_history, trim_history
 from feedback.store import service
 from feedback.store.votes import REGENERATE
@@ -83,7 +82,7 @@ async def answer_to(world: Any, question: FakeMessage, *, wait_s: float = 30) ->
 
 def fast(world: Any) -> Any:
     """Edit pace lowered for tests that are not about it (the pace is shared per channel)."""
-    answerer_for(world.bot).pacer.interval = 0.05
+    world.bot.answerer.pacer.interval = 0.05
     return world
 
 

@@ -13,7 +13,9 @@ from bot_harness import BotWorld
 from fake_discord import CLIENT_OPTIONS, FakeInteraction, FakeMessage, FakeUser
 from test_feedback.harness import StoreHarness, make_image
 
+from bot.answering import Answerer
 from bot.app import SmolcordBot
+from bot.cogs.errors import on_app_command_error
 from feedback.store import service
 from smolcord.worker_client import WorkerClient
 
@@ -44,11 +46,13 @@ def assert_every_interaction_in_time(world: BotWorld) -> None:
 async def restarted(world: BotWorld) -> AsyncIterator[Any]:
     """Stop the world's bot and run a new one on the same fake Discord, data dir and store."""
     await world.bot.close()
+    worker = WorkerClient(world.bot.http_session, world.settings.worker_url)
     bot = SmolcordBot(
         settings=world.settings,
         http_session=world.bot.http_session,
         sessions=world.sessions,
-        worker=WorkerClient(world.bot.http_session, world.settings.worker_url),
+        worker=worker,
+        answerer=Answerer(settings=world.settings, sessions=world.sessions, worker=worker),
         **CLIENT_OPTIONS,
     )
     async with world.fake.run_client(bot):
@@ -120,6 +124,20 @@ async def test_commands_sync_at_start_only_when_their_definitions_changed(start_
         async with restarted(world):
             synced = await fake.wait_for("commands_sync", since=start)
             assert synced.data["guild_id"] == world.guild.id
+
+
+async def test_the_bot_is_given_its_answerer_and_loads_its_error_handler_first(start_bot):
+    async with start_bot(worker=False) as world:
+        bot = world.bot
+        # one Answerer (one pacer, one set of limits) for asking and for 🔁, the one given to the bot
+        assert bot.get_cog("Chat").answerer is bot.answerer is bot.get_cog("Votes").answerer
+        assert bot.answerer.client is bot
+        assert next(iter(bot.extensions)) == "bot.cogs.errors"
+        # load_extension runs the module afresh: the handler is that module's, not this test's import
+        assert bot.tree.on_error.__qualname__ == on_app_command_error.__qualname__
+        assert bot.tree.on_error.__module__ == "bot.cogs.errors"
+        await bot.unload_extension("bot.cogs.errors")
+        assert getattr(bot.tree.on_error, "__func__", None) is discord.app_commands.CommandTree.on_error
 
 
 # ------------------------------------------------------------------------------ /smolcord

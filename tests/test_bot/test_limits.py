@@ -14,7 +14,6 @@ from aiohttp import web
 from test_bot.test_chat import answer_to, ask, chat_requests, fast, replies_to, stored_prompts
 from test_bot.test_votes import settle, stored_votes, votes_become
 
-from bot.answering import answerer_for
 from feedback.store import service
 from feedback.store.votes import REGENERATE
 
@@ -81,7 +80,7 @@ async def gated_worker() -> AsyncIterator[tuple[GatedWorker, str]]:
 
 async def all_done(world: Any) -> None:
     """Wait until no answer is in flight (the slot is let go after the reactions and the notice)."""
-    limit = answerer_for(world.bot).total_inflight
+    limit = world.bot.answerer.total_inflight
     for _ in range(400):
         if not limit.held(0):
             return
@@ -205,7 +204,7 @@ async def test_reactions_from_other_bots_never_count(start_bot) -> None:
         # reconciling from Discord's reactions (after downtime) leaves the bot's out too
         await fake.react(answer, other_bot, "👍")
         await fake.react(answer, world.alice, "👍")
-        await world.bot.get_cog("Feedback").reconcile()
+        await world.bot.get_cog("Votes").reconcile()
         assert await stored_votes(world) == {(world.alice.id, "👍")}
 
 

@@ -14,7 +14,7 @@ from test_bot.test_chat import answer_to, ask, fast, png
 from test_bot.test_commands import run_command, store
 from test_bot.test_votes import votes_become
 
-from bot.notices import ConsentNotices
+from bot.consent_notices import ConsentNotices
 from feedback.store import service
 from feedback.store.models import GuildRemoval, utcnow
 from feedback.store.pairs import build_pairs
@@ -228,16 +228,16 @@ async def _true(value: bool) -> bool:
 
 
 async def test_consent_notice_writes_happen_off_the_event_loop(tmp_path, monkeypatch):
-    import bot.notices as notices_module
+    import bot.consent_notices as notices_module
 
     threads: list[threading.Thread] = []
-    write = notices_module._write_json
+    write = notices_module.write_json
 
     def recording(path: Any, data: Any) -> None:
         threads.append(threading.current_thread())
         write(path, data)
 
-    monkeypatch.setattr(notices_module, "_write_json", recording)
+    monkeypatch.setattr(notices_module, "write_json", recording)
     notices = ConsentNotices(tmp_path / "consent_notices.json")
     assert notices.due(5, "off")
     await notices.mark(5, "off")

@@ -22,7 +22,7 @@ async def test_a_live_reaction_during_reconciling_wins_over_the_snapshot(start_b
         await fake.react(answer, carol, "👎")
         await votes_become(world, {(alice.id, "👍"), (carol.id, "👎")})
 
-        cog = world.bot.get_cog("Feedback")
+        cog = world.bot.get_cog("Votes")
         snapshot_taken = cog._current_votes
 
         async def slow_snapshot(response):

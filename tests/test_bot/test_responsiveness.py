@@ -125,18 +125,18 @@ async def test_status_over_100k_responses_keeps_the_loop_responsive(start_bot):
 async def test_recent_answers_are_written_off_the_loop_latest_last(tmp_path, monkeypatch):
     import threading
 
-    from bot import notices
+    from bot import recent_answers
 
     writes: list[tuple[int, int]] = []
-    real_write = notices._write_json
+    real_write = recent_answers.write_json
 
     def recording_write(path, data):
         writes.append((threading.get_ident(), len(data)))
         real_write(path, data)
 
-    monkeypatch.setattr(notices, "_write_json", recording_write)
+    monkeypatch.setattr(recent_answers, "write_json", recording_write)
     path = tmp_path / "recent_answers.json"
-    recent = notices.RecentAnswers(path)
+    recent = recent_answers.RecentAnswers(path)
     for response_id in range(1, 51):
         recent.add(response_id=response_id, channel_id=1, guild_id=2)
     recent.forget({1})
@@ -145,5 +145,5 @@ async def test_recent_answers_are_written_off_the_loop_latest_last(tmp_path, mon
     assert writes and all(thread != loop_thread for thread, _ in writes)
     assert len(writes) <= 2, "a burst is written once or twice, not once per answer"
     # the file holds the latest list, and a restart reads it back
-    again = notices.RecentAnswers(path)
+    again = recent_answers.RecentAnswers(path)
     assert [e["response_id"] for e in again.recent()] == list(range(50, 1, -1))

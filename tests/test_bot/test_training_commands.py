@@ -1,5 +1,6 @@
 """The bot's half of the learning loop: the nightly decision and trigger, `/smolcord retrain` with its
-progress message and report, `/smolcord rollback`, and the daily purge (bot/scheduler.py, cogs/training.py).
+progress message and report, `/smolcord rollback`, and the daily purge (bot/nightly.py,
+bot/training_runner.py, cogs/training.py).
 
 Runs that only need the job's *contract* use a stand-in script that prints the same JSON lines;
 one dry run goes through the real `python -m smolcord train` on the tiny model.
@@ -21,15 +22,8 @@ from bot_harness import BotWorld
 from fake_discord import FakeInteraction, FakeMessage, FakeUser
 from test_feedback.harness import StoreHarness, make_image
 
-from bot.scheduler import (
-    TRAIN_COMMAND,
-    TrainingReadiness,
-    child_env,
-    next_nightly_run,
-    nightly_time,
-    should_train,
-    training_readiness,
-)
+from bot.nightly import TrainingReadiness, next_nightly_run, nightly_time, should_train, training_readiness
+from bot.training_runner import TRAIN_COMMAND, child_env
 from feedback.store import service
 from feedback.store.pairs import is_heldout
 from smolcord.registry import AdapterRegistry

@@ -70,7 +70,7 @@ async def test_votes_follow_reactions_on_any_chunk(start_bot) -> None:
 
         # reactions that changed while the bot was not listening are reconciled from REST
         answer.reactions.update({"👍": [alice.id, bob.id], "👎": [fake.bot_user.id]})
-        cog = world.bot.get_cog("Feedback")  # reconcile() is what on_ready runs once at start
+        cog = world.bot.get_cog("Votes")  # reconcile() is what on_ready runs once at start
         assert await cog.reconcile() == 1
         assert await stored_votes(world) == {(alice.id, "👍"), (bob.id, "👍")}
         answer.reactions["👍"].remove(bob.id)

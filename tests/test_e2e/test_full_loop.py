@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from test_bot.test_chat import answer_to, fast
 from test_bot.test_training_commands import run_command
 
-from bot.scheduler import training_readiness
+from bot.nightly import training_readiness
 from feedback.store.models import Reaction
 from feedback.store.votes import REGENERATE
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fake_discord import FakeDiscord
 
-from bot.main import TOKEN_HELP
 from smolcord.cli import main
+from smolcord.settings import DISCORD_TOKEN_HELP
 
 
 def _env_without_token(data_dir: Path) -> dict[str, str]:
@@ -42,8 +42,28 @@ def test_without_a_token_it_says_how_to_get_one(command: str, tmp_path: Path) ->
         timeout=120,
     )
     assert out.returncode != 0
-    assert TOKEN_HELP in out.stderr
+    assert DISCORD_TOKEN_HELP in out.stderr
     assert not (tmp_path / "data" / "smolcord.db").exists(), "nothing is migrated without a token"
+
+
+@pytest.mark.parametrize("command", ["bot", "sync", "run"])
+def test_without_a_token_the_shell_says_so_without_loading_the_bot(command: str, tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from smolcord.cli import main\n"
+        f"code = main([{command!r}])\n"
+        "print(code, sorted(m for m in sys.modules if m.split('.')[0] in ('bot', 'discord')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # no .env here
+        env=_env_without_token(tmp_path / "data"),
+        timeout=120,
+    )
+    assert out.stdout.split() == ["2", "[]"], out.stderr
+    assert DISCORD_TOKEN_HELP in out.stderr
 
 
 def test_bot_migrates_before_the_event_loop_starts(no_token: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,8 +23,9 @@ import pytest
 from fake_discord import FakeDiscord
 from PIL import Image
 
-from bot.main import API_BASE_ENV, GATEWAY_ENV, TOKEN_HELP
+from bot.main import API_BASE_ENV, GATEWAY_ENV
 from feedback.store.votes import REGENERATE
+from smolcord.settings import DISCORD_TOKEN_HELP
 from smolcord.supervisor import Supervisor, probe_worker
 
 pytestmark = pytest.mark.timeout(180)
@@ -185,7 +186,7 @@ def test_run_without_a_token_says_how_to_get_one(tmp_path: Path) -> None:
         timeout=120,
     )
     assert out.returncode != 0
-    assert TOKEN_HELP in out.stderr
+    assert DISCORD_TOKEN_HELP in out.stderr
     assert not (tmp_path / "data" / "smolcord.db").exists(), "nothing is migrated without a token"
 
 

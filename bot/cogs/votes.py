@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import discord
 from discord.ext import commands
 
-from bot.answering import NO_MENTIONS, ReplyDestination, answerer_for
+from bot.answering import NO_MENTIONS, ReplyDestination
 from bot.limits import HourlyQuota
 from feedback.store import service
 from feedback.store.errors import FeedbackError, NotAVote, UnknownPrompt, UnknownResponse
@@ -41,13 +41,13 @@ def _canonical(emoji: str) -> str:
 RECONCILE_ANSWERS = 50  # recent answers whose reactions are checked at start (REST calls: a few each)
 
 
-class Feedback(commands.Cog):
+class Votes(commands.Cog):
     """Reaction and deletion events on the bot's answers."""
 
     def __init__(self, bot: SmolcordBot) -> None:
         self.bot = bot
         self.settings = bot.settings
-        self.answerer = answerer_for(bot)
+        self.answerer = bot.answerer
         self.departed: set[int] = set()  # guilds the bot was removed from: their late events are dropped
         # While reconciling: (message, user, emoji) of every live vote event (None: all of them),
         # so that what happened live wins over the older REST snapshot (see reconcile).
@@ -390,4 +390,4 @@ class Feedback(commands.Cog):
 
 
 async def setup(bot: SmolcordBot) -> None:
-    await bot.add_cog(Feedback(bot))
+    await bot.add_cog(Votes(bot))

@@ -1,18 +1,18 @@
-"""When the bot trains, and how: the nightly decision, and the training job run as a child process.
+"""The training job, run by the bot as a child process: its environment, its progress, its verdict.
 
-The job is `python -m smolcord train --progress json` (feedback/train.py): it writes JSON lines on
+The job is `python -m smolcord train --progress json` (feedback/training/): it writes JSON lines on
 stdout, `{"step", "total", "loss"}` after each optimizer step and one final line with "verdict",
 "exit_code" and "message" (and, after training, "version", "report", "heldout_accuracy", ...). It
 runs in its own process so the bot and the worker keep serving, and it tells the worker itself
 when it promotes. The child gets the bot's settings through its environment (the Discord token
-left out, and no `.env` read), so both read one data dir, one store and one registry.
+left out, and no `.env` read), so both read one data dir, one store and one registry. When the
+bot starts it is decided in bot/nightly.py and cogs/training.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import datetime as dt
 import json
 import logging
 import os
@@ -25,10 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from feedback.store.service import StoreStats
-from feedback.store.stats import PairCounts, count_pairs
 from smolcord.settings import ENV_FILE_VARIABLE, Settings
 
 __all__ = [
@@ -36,13 +33,8 @@ __all__ = [
     "RunInProgress",
     "RunResult",
     "TrainingProgress",
-    "TrainingReadiness",
     "TrainingRunner",
     "child_env",
-    "next_nightly_run",
-    "nightly_time",
-    "should_train",
-    "training_readiness",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,87 +44,6 @@ TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "smolcord", "train", "--
 # it gets before SIGKILL, which the registry's and the lock's flocks also survive.
 TERMINATE_GRACE_S = 15.0
 _STDOUT_LINE_LIMIT = 1 << 20  # the final line carries the data summary: more than asyncio's 64 KiB default
-
-
-# ------------------------------------------------------------------------------ when
-
-
-def nightly_time(settings: Settings) -> dt.time | None:
-    """SMOLCORD_TRAIN_AT as an aware UTC time, None when the nightly run is off."""
-    if settings.train_at is None:
-        return None
-    hour, minute = (int(part) for part in settings.train_at.split(":"))
-    return dt.time(hour, minute, tzinfo=dt.UTC)
-
-
-def next_nightly_run(settings: Settings, now: dt.datetime | None = None) -> dt.datetime | None:
-    """When the nightly check fires next (UTC), None when it is off."""
-    at = nightly_time(settings)
-    if at is None:
-        return None
-    now = now or dt.datetime.now(dt.UTC)
-    today = dt.datetime.combine(now.date(), at)
-    return today if today > now else today + dt.timedelta(days=1)
-
-
-@dataclass(frozen=True)
-class TrainingReadiness:
-    """What the nightly decision looks at: pairs now, those no successful run used yet, and held-out ones."""
-
-    pairs: int
-    new_pairs: int
-    heldout_pairs: int
-    min_new_pairs: int
-    min_heldout: int
-
-    @classmethod
-    def of(cls, counts: PairCounts | StoreStats, settings: Settings) -> TrainingReadiness:
-        """The readiness those counts mean under these settings."""
-        return cls(
-            pairs=counts.pairs,
-            new_pairs=counts.new_pairs,
-            heldout_pairs=counts.heldout_pairs,
-            min_new_pairs=settings.min_new_pairs,
-            min_heldout=settings.gate_min_heldout,
-        )
-
-    @property
-    def new_pairs_needed(self) -> int:
-        return max(0, self.min_new_pairs - self.new_pairs)
-
-    @property
-    def heldout_needed(self) -> int:
-        return max(0, self.min_heldout - self.heldout_pairs)
-
-
-async def training_readiness(
-    sessions: async_sessionmaker[AsyncSession], settings: Settings
-) -> TrainingReadiness:
-    """Count the pairs a run would find now (every consent rule applied) and their held-out split.
-
-    Counted in SQL (feedback.store.stats), never built: this runs on the bot's event loop. The count is
-    taken before the voter-share cap, which only the training job applies.
-    """
-    async with sessions() as session:
-        counts = await count_pairs(session, settings=settings)
-    return TrainingReadiness.of(counts, settings)
-
-
-def should_train(readiness: TrainingReadiness) -> tuple[bool, str]:
-    """Whether the nightly run trains, and why (or why not), in words for the log."""
-    missing = []
-    if readiness.new_pairs_needed:
-        missing.append(
-            f"{readiness.new_pairs} new pairs of the {readiness.min_new_pairs} needed (SMOLCORD_MIN_NEW_PAIRS)"
-        )
-    if readiness.heldout_needed:
-        missing.append(
-            f"{readiness.heldout_pairs} held-out pairs of the {readiness.min_heldout} needed "
-            "(SMOLCORD_GATE_MIN_HELDOUT)"
-        )
-    if missing:
-        return False, "only " + " and ".join(missing)
-    return True, f"{readiness.new_pairs} new pairs, {readiness.heldout_pairs} held out"
 
 
 # ------------------------------------------------------------------------------ the child process
