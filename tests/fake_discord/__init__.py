@@ -34,7 +34,7 @@ below it, so a module reads only what it imports and nothing imports upwards:
 Layers of one class rather than collaborating objects: every job reads and changes the same world and
 answers on the same gateway, so the methods keep ``self`` as they were, and a reader meeting
 ``self._emit(...)`` in world.py knows it is defined below (gateway.py), never above.  All the data is
-declared in ``State.__init__``; the layers above add behaviour only.
+declared in ``State.__init__`` (the action log in ``ActionLog``); the layers above add behaviour only.
 """
 
 from .protocol import (
