@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Test-only: a Discord-compatible server at another address (tests/fake_discord.py's FakeDiscord, for
+# Test-only: a Discord-compatible server at another address (tests/fake_discord/'s FakeDiscord, for
 # a bot running in a child process, as `smolcord run` starts it). Unset in production.
 API_BASE_ENV = "SMOLCORD_DISCORD_API_BASE"  # e.g. http://127.0.0.1:PORT/api/v10
 GATEWAY_ENV = "SMOLCORD_DISCORD_GATEWAY"  # e.g. ws://127.0.0.1:PORT/gateway
