@@ -27,8 +27,7 @@ from typing import Any
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from feedback.store.service import StoreStats
-from feedback.store.stats import PairCounts, count_pairs
+from feedback.store.stats import PairCounts, StoreStats, count_pairs
 from smolcord.settings import ENV_FILE_VARIABLE, Settings
 
 __all__ = [

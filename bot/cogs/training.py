@@ -20,7 +20,7 @@ from bot.scheduler import (
     should_train,
     training_readiness,
 )
-from feedback.store.service import purge_expired
+from feedback.store.deletion import purge_expired
 from smolcord.registry import RegistryError
 from smolcord.trainlock import training_running
 

@@ -6,7 +6,11 @@ import pytest
 from sqlalchemy import select
 from test_feedback.harness import CHANNEL, GUILD, ROLE, make_image, png_bytes
 
-from feedback.store import service
+from feedback.store import consent as consent_service
+from feedback.store import deletion as deletion_service
+from feedback.store import prompts as prompts_service
+from feedback.store import reactions as reactions_service
+from feedback.store import responses as responses_service
 from feedback.store.errors import (
     AlreadyRecorded,
     ImageTooLarge,
@@ -44,12 +48,12 @@ async def test_snowflakes_survive_and_dms_are_never_trainable(store):
     dm = await store.prompt(guild_id=None)
     assert not dm.trainable
     async with store.sessions() as session:
-        prompt = await service.get_prompt(session, settings=store.settings, prompt_id=dm.id)
+        prompt = await prompts_service.get_prompt(session, settings=store.settings, prompt_id=dm.id)
     assert prompt.guild_id is None and prompt.channel_id == CHANNEL
     guild = await store.prompt()
     async with store.sessions() as session:
         assert (
-            await service.get_prompt(session, settings=store.settings, prompt_id=guild.id)
+            await prompts_service.get_prompt(session, settings=store.settings, prompt_id=guild.id)
         ).guild_id == GUILD
 
 
@@ -57,7 +61,7 @@ async def test_trainable_needs_learning_on_and_no_opt_out(store):
     assert not (await store.prompt()).trainable  # learning_default is off
     await store.learning()
     assert (await store.prompt()).trainable
-    await store.call(service.opt_out, user_id=42)
+    await store.call(consent_service.opt_out, user_id=42)
     assert not (await store.prompt()).trainable
 
 
@@ -75,25 +79,31 @@ async def test_response_lookup_by_any_chunk_and_added_messages(store):
         requested_by=42,
     )
     late = store.new_id()
-    await store.call(service.add_response_messages, response_id=response_id, message_ids=[messages[1], late])
+    await store.call(
+        responses_service.add_response_messages, response_id=response_id, message_ids=[messages[1], late]
+    )
     for message_id in [*messages, late]:
-        view = await store.call(service.find_response, message_id=message_id)
+        view = await store.call(responses_service.find_response, message_id=message_id)
         assert view.id == response_id
     assert view.message_ids == (*messages, late)
     assert view.adapter_version == "v3" and view.sampling == {"temperature": 0.0}
     assert view.prompt_author_id == 42 and view.guild_id == GUILD
-    assert await store.call(service.find_response, message_id=store.new_id()) is None
+    assert await store.call(responses_service.find_response, message_id=store.new_id()) is None
     with pytest.raises(AlreadyRecorded):  # a chunk of another response
-        await store.call(service.record_response, prompt_id=prompt.id, text="x", message_ids=[late])
+        await store.call(responses_service.record_response, prompt_id=prompt.id, text="x", message_ids=[late])
     assert await store.count(Response) == 1
     with pytest.raises(UnknownResponse):
-        await store.call(service.add_response_messages, response_id=10**9, message_ids=[store.new_id()])
+        await store.call(
+            responses_service.add_response_messages, response_id=10**9, message_ids=[store.new_id()]
+        )
 
 
 async def test_conversation_and_follow_up(store, settings):
     first = await store.prompt("what is this?", images=[make_image(1)])
     response_id, messages = await store.answer(first.id, "a cat")
-    conversation = await store.call(service.get_conversation, settings=settings, message_id=messages[0])
+    conversation = await store.call(
+        prompts_service.get_conversation, settings=settings, message_id=messages[0]
+    )
     assert conversation.parent_response_id == response_id
     assert conversation.turns == [
         {
@@ -108,11 +118,14 @@ async def test_conversation_and_follow_up(store, settings):
     follow = await store.prompt(
         "what colour?", images=[], history=conversation.turns, parent_response_id=response_id
     )
-    view = await store.call(service.get_prompt, settings=settings, prompt_id=follow.id)
+    view = await store.call(prompts_service.get_prompt, settings=settings, prompt_id=follow.id)
     assert view.parent_response_id == response_id
     assert [i.in_history for i in view.images] == [True] and view.own_images == ()
     assert follow.key != first.key
-    assert await store.call(service.get_conversation, settings=settings, message_id=store.new_id()) is None
+    assert (
+        await store.call(prompts_service.get_conversation, settings=settings, message_id=store.new_id())
+        is None
+    )
 
 
 async def test_regeneration_count(store):
@@ -122,7 +135,7 @@ async def test_regeneration_count(store):
     await store.answer(prompt.id, "c", regenerated=True, requested_by=7)
     async with store.sessions() as session:
         since = datetime.now(UTC) - timedelta(hours=1)
-        assert await service.count_regenerations(session, user_id=7, since=since) == 2
+        assert await responses_service.count_regenerations(session, user_id=7, since=since) == 2
 
 
 async def test_reactions_are_state_per_user_and_emoji(store):
@@ -133,20 +146,22 @@ async def test_reactions_are_state_per_user_and_emoji(store):
     assert await store.vote(message, 1, "👍🏽")  # another reaction on Discord, same vote
     assert await store.vote(message, 2, "👎")
     assert await store.count(Reaction) == 3
-    assert await store.call(service.clear_reaction, message_id=message, user_id=1, emoji="👍🏽")
-    assert not await store.call(service.clear_reaction, message_id=message, user_id=1, emoji="👍🏽")
-    assert await store.call(service.clear_message_reactions, message_id=message, emoji="👎") == 1
-    assert await store.call(service.clear_message_reactions, message_id=message, emoji="🔁") == 0
-    assert await store.call(service.clear_message_reactions, message_id=message) == 1
+    assert await store.call(reactions_service.clear_reaction, message_id=message, user_id=1, emoji="👍🏽")
+    assert not await store.call(reactions_service.clear_reaction, message_id=message, user_id=1, emoji="👍🏽")
+    assert await store.call(reactions_service.clear_message_reactions, message_id=message, emoji="👎") == 1
+    assert await store.call(reactions_service.clear_message_reactions, message_id=message, emoji="🔁") == 0
+    assert await store.call(reactions_service.clear_message_reactions, message_id=message) == 1
     assert await store.count(Reaction) == 0
-    assert not await store.call(service.clear_reaction, message_id=store.new_id(), user_id=1, emoji="👍")
+    assert not await store.call(
+        reactions_service.clear_reaction, message_id=store.new_id(), user_id=1, emoji="👍"
+    )
 
 
 async def test_voter_eligibility_is_recorded_at_vote_time(store, settings):
     prompt = await store.prompt()
     _, [message] = await store.answer(prompt.id, "a cat")
     await store.vote(message, 1, "👍", roles=[ROLE])
-    await store.call(service.set_voter_role, settings=settings, guild_id=GUILD, role_id=ROLE)
+    await store.call(consent_service.set_voter_role, settings=settings, guild_id=GUILD, role_id=ROLE)
     await store.vote(message, 2, "👍", roles=[ROLE, 5])
     await store.vote(message, 3, "👍", roles=[5])
     await store.vote(message, 4, "👍")  # roles unknown
@@ -180,7 +195,7 @@ async def test_not_a_vote_is_refused(store, emoji):
     with pytest.raises(NotAVote):
         await store.vote(message, 1, emoji)
     with pytest.raises(NotAVote):
-        await store.call(service.clear_reaction, message_id=message, user_id=1, emoji=emoji)
+        await store.call(reactions_service.clear_reaction, message_id=message, user_id=1, emoji=emoji)
     assert await store.count(Reaction) == 0
 
 
@@ -229,7 +244,7 @@ async def test_unknown_prompt_and_duplicates_write_nothing(store):
     with pytest.raises(AlreadyRecorded):
         await store.prompt(message_id=77, images=[make_image(9)])
     with pytest.raises(AlreadyRecorded):
-        await store.call(service.record_response, prompt_id=prompt.id, text="x", message_ids=[77])
+        await store.call(responses_service.record_response, prompt_id=prompt.id, text="x", message_ids=[77])
     assert await store.count(Prompt) == 1 and await store.count(Response) == 0
     assert await store.count(Image) == 1  # image 9 was never written
 
@@ -238,7 +253,7 @@ async def test_a_session_with_a_transaction_open_is_refused(store):
     async with store.sessions() as session:
         await session.execute(select(1))
         with pytest.raises(RuntimeError, match="one transaction each"):
-            await service.opt_out(session, user_id=1)
+            await consent_service.opt_out(session, user_id=1)
 
 
 # ---------------------------------------------------------------------------------- deleting
@@ -252,13 +267,15 @@ async def test_deleting_a_question_takes_its_answers_votes_and_follow_ups(store,
     doomed = await store.prompt("delete me", images=[make_image(1), make_image(2)], message_id=555)
     response_id, messages = await store.answer(doomed.id, "gone", chunks=2)
     await store.vote(messages[0], 5, "👍")
-    conversation = await store.call(service.get_conversation, settings=settings, message_id=messages[0])
+    conversation = await store.call(
+        prompts_service.get_conversation, settings=settings, message_id=messages[0]
+    )
     follow = await store.prompt(
         "more?", images=[], history=conversation.turns, parent_response_id=response_id
     )
     await store.answer(follow.id, "follow-up answer")
 
-    deletion = await store.call(service.delete_message, settings=settings, message_id=555)
+    deletion = await store.call(deletion_service.delete_message, settings=settings, message_id=555)
     assert set(deletion.prompt_ids) == {doomed.id, follow.id}
     assert set(messages) <= set(deletion.message_ids)
     assert deletion.images == (make_image(2).sha256,)  # image 1 is still used by "keep me"
@@ -268,7 +285,7 @@ async def test_deleting_a_question_takes_its_answers_votes_and_follow_ups(store,
         and await store.count(Reaction) == 1
     )
     assert await store.orphans() == []
-    assert await store.call(service.find_response, message_id=keep_message) is not None
+    assert await store.call(responses_service.find_response, message_id=keep_message) is not None
 
 
 async def test_deleting_an_answer_takes_only_its_record(store, settings):
@@ -276,13 +293,17 @@ async def test_deleting_an_answer_takes_only_its_record(store, settings):
     first, [_first_message] = await store.answer(prompt.id, "one")
     second, second_messages = await store.answer(prompt.id, "two", chunks=3)
     await store.vote(second_messages[2], 1, "👎")
-    deletion = await store.call(service.delete_message, settings=settings, message_id=second_messages[2])
+    deletion = await store.call(
+        deletion_service.delete_message, settings=settings, message_id=second_messages[2]
+    )
     assert deletion.response_ids == (second,) and deletion.prompt_ids == ()
     assert deletion.message_ids == tuple(sorted(second_messages))
     assert await store.count(Response) == 1 and await store.count(Reaction) == 0
-    assert await store.call(service.find_response, message_id=second_messages[0]) is None
-    assert (await store.call(service.delete_message, settings=settings, message_id=store.new_id())).nothing
-    await store.call(service.delete_response, settings=settings, response_id=first)
+    assert await store.call(responses_service.find_response, message_id=second_messages[0]) is None
+    assert (
+        await store.call(deletion_service.delete_message, settings=settings, message_id=store.new_id())
+    ).nothing
+    await store.call(deletion_service.delete_response, settings=settings, response_id=first)
     assert await store.count(Response) == 0 and await store.count(Prompt) == 1
     assert await store.orphans() == []
 
@@ -290,9 +311,9 @@ async def test_deleting_an_answer_takes_only_its_record(store, settings):
 async def test_late_events_after_deletion_are_harmless(store, settings):
     prompt = await store.prompt(message_id=999)
     _, [message] = await store.answer(prompt.id, "a cat")
-    await store.call(service.delete_message, settings=settings, message_id=999)
-    assert not await store.call(service.clear_reaction, message_id=message, user_id=1, emoji="👍")
-    assert await store.call(service.clear_message_reactions, message_id=message) == 0
+    await store.call(deletion_service.delete_message, settings=settings, message_id=999)
+    assert not await store.call(reactions_service.clear_reaction, message_id=message, user_id=1, emoji="👍")
+    assert await store.call(reactions_service.clear_message_reactions, message_id=message) == 0
     with pytest.raises(UnknownResponse):
         await store.vote(message, 1, "👍")
     with pytest.raises(UnknownPrompt):
