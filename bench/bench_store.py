@@ -2,7 +2,7 @@
 
     python -m bench.bench_store [--responses 100000] [--reactions 300000] [--upserts 2000]
 
-1. Upserts: `reactions_service.set_reaction` calls (lookup + INSERT ... ON CONFLICT + commit, one transaction
+1. Upserts: `set_reaction` calls (lookup + INSERT ... ON CONFLICT + commit, one transaction
    each) into a SQLite file in WAL mode; 8 concurrent writers against 1 writer as the baseline.
 2. Pairs: `build_pairs` over 100,000 responses with 300,000 reactions (goal: under 2 s), against
    a naive builder measured in the same run (one query per prompt, scores summed in Python: what

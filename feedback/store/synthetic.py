@@ -122,8 +122,8 @@ async def _record(
             wrong = rng.sample([c for c in names if c != colour], answers - 1)
             for n, said in enumerate([colour, *wrong]):
                 message = next(ids)
-                await call(responses_service.record_response, prompt_id=recorded.id, text=answer(said, filler_words),
-                           message_ids=[message], regenerated=n > 0)  # fmt: skip
+                await call(responses_service.record_response, prompt_id=recorded.id,
+                           text=answer(said, filler_words), message_ids=[message], regenerated=n > 0)  # fmt: skip
                 liked = (said == colour) != flip
                 await call(
                     reactions_service.set_reaction,
