@@ -2,7 +2,7 @@
 
     python -m bench.bench_store [--responses 100000] [--reactions 300000] [--upserts 2000]
 
-1. Upserts: `service.set_reaction` calls (lookup + INSERT ... ON CONFLICT + commit, one transaction
+1. Upserts: `set_reaction` calls (lookup + INSERT ... ON CONFLICT + commit, one transaction
    each) into a SQLite file in WAL mode; 8 concurrent writers against 1 writer as the baseline.
 2. Pairs: `build_pairs` over 100,000 responses with 300,000 reactions (goal: under 2 s), against
    a naive builder measured in the same run (one query per prompt, scores summed in Python: what
@@ -31,7 +31,9 @@ from typing import Any
 
 from sqlalchemy import insert, select
 
-from feedback.store import service
+from feedback.store import prompts as prompts_service
+from feedback.store import reactions as reactions_service
+from feedback.store import responses as responses_service
 from feedback.store.db import create_engine, sessionmaker, upgrade_to_head
 from feedback.store.models import (
     GuildSettings,
@@ -61,14 +63,14 @@ def _settings(data_dir: Path) -> Settings:
 
 async def _seed_messages(maker: Any, settings: Settings, count: int) -> list[int]:
     async with maker() as session:
-        prompt = await service.record_prompt(
+        prompt = await prompts_service.record_prompt(
             session, settings=settings, guild_id=GUILD, channel_id=1, message_id=1, author_id=1, question="q"
         )
     messages = []
     for n in range(count):
         async with maker() as session:
             message_id = 1_000 + n
-            await service.record_response(
+            await responses_service.record_response(
                 session, prompt_id=prompt.id, text=f"a{n}", message_ids=[message_id]
             )
             messages.append(message_id)
@@ -87,7 +89,7 @@ async def _upserts(
         for i in range(per_writer):
             n = w * per_writer + i
             async with maker() as session:
-                await service.set_reaction(
+                await reactions_service.set_reaction(
                     session,
                     message_id=messages[n % len(messages)],
                     user_id=offset + n,

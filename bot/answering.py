@@ -35,7 +35,11 @@ from bot.conversation import (
 from bot.limits import ChannelPacer, Cooldown, InflightLimit
 from bot.recent_answers import RecentAnswers
 from bot.text import CURSOR, footer, served_version, split_message
-from feedback.store import service
+from feedback.store import consent as consent_service
+from feedback.store import deletion as deletion_service
+from feedback.store import images as images_service
+from feedback.store import prompts as prompts_service
+from feedback.store import responses as responses_service
 from feedback.store.errors import FeedbackError
 from feedback.store.votes import REGENERATE, THUMBS_DOWN, THUMBS_UP
 from smolcord.settings import Settings
@@ -359,7 +363,7 @@ class Answerer:
         version = served_version(result.model)
         try:
             async with self.sessions() as session:
-                prompt = await service.record_prompt(
+                prompt = await prompts_service.record_prompt(
                     session,
                     settings=settings,
                     guild_id=guild_id,
@@ -367,7 +371,9 @@ class Answerer:
                     message_id=message_id,
                     author_id=author_id,
                     question=asked.text,
-                    images=[image for image in asked.images if not isinstance(image, service.StoredImage)],
+                    images=[
+                        image for image in asked.images if not isinstance(image, images_service.StoredImage)
+                    ],
                     history=asked.history,
                     parent_response_id=parent_response_id,
                     parent_channel_id=destination.parent_channel_id,
@@ -385,7 +391,12 @@ class Answerer:
         return Answer(response_id, result.text, version, tuple(display.message_ids))
 
     async def regenerate(
-        self, destination: Destination, prompt: service.PromptView, *, user_id: int, seed: int | None = None
+        self,
+        destination: Destination,
+        prompt: prompts_service.PromptView,
+        *,
+        user_id: int,
+        seed: int | None = None,
     ) -> Answer | None:
         """Another answer to a stored prompt (same images, question and history), sampled with a new seed."""
         settings = self.settings
@@ -506,7 +517,7 @@ class Answerer:
         regenerated: bool,
     ) -> int:
         async with self.sessions() as session:
-            return await service.record_response(
+            return await responses_service.record_response(
                 session,
                 prompt_id=prompt_id,
                 text=result.text,
@@ -551,7 +562,9 @@ class Answerer:
         learning = False
         if guild_id is not None:
             async with self.sessions() as session:
-                consent = await service.get_guild_settings(session, settings=self.settings, guild_id=guild_id)
+                consent = await consent_service.get_guild_settings(
+                    session, settings=self.settings, guild_id=guild_id
+                )
             learning = consent.learning
         state = notice_state(in_dm=guild_id is None, learning=learning)
         if not self.notices.due(channel_id, state):
@@ -565,10 +578,12 @@ class Answerer:
 
     # ------------------------------------------------------------------ deleting
 
-    async def forget_message(self, channel_id: int, message_id: int) -> service.Deletion:
+    async def forget_message(self, channel_id: int, message_id: int) -> deletion_service.Deletion:
         """Delete what was stored of a deleted message, and the bot's answer messages that went with it."""
         async with self.sessions() as session:
-            deletion = await service.delete_message(session, settings=self.settings, message_id=message_id)
+            deletion = await deletion_service.delete_message(
+                session, settings=self.settings, message_id=message_id
+            )
         await self.delete_answer_messages(channel_id, [m for m in deletion.message_ids if m != message_id])
         self.recent.forget(set(deletion.response_ids))
         return deletion

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from feedback.store.service import StoredImage
+from feedback.store.images import StoredImage
 from smolcord.images import NormalizedImage, to_data_url
 
 # Used until the first answer with images measures the real cost: SmolVLM-256M tiles a large

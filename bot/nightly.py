@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from feedback.store.service import StoreStats
-from feedback.store.stats import PairCounts, count_pairs
+from feedback.store.stats import PairCounts, StoreStats, count_pairs
 from smolcord.settings import Settings
 
 __all__ = ["TrainingReadiness", "next_nightly_run", "nightly_time", "should_train", "training_readiness"]

@@ -12,7 +12,7 @@ from discord.ext import commands
 
 from bot.checks import require_bot_admin, require_owner
 from bot.nightly import TrainingReadiness, next_nightly_run
-from feedback.store import service
+from feedback.store import stats as stats_service
 from feedback.store.adapters import RollbackRefused, roll_back
 from smolcord.registry import RegistryError
 from smolcord.worker_client import WorkerDown, WorkerError
@@ -64,12 +64,12 @@ class Admin(commands.Cog):
         except WorkerError as exc:
             return f"unhealthy: {exc}"
 
-    async def _stats(self) -> service.StoreStats:
+    async def _stats(self) -> stats_service.StoreStats:
         async with self.bot.sessions() as session:
-            return await service.store_stats(session, settings=self.bot.settings)
+            return await stats_service.store_stats(session, settings=self.bot.settings)
 
     def _status_text(
-        self, health: dict[str, Any] | str, stats: service.StoreStats, readiness: TrainingReadiness
+        self, health: dict[str, Any] | str, stats: stats_service.StoreStats, readiness: TrainingReadiness
     ) -> str:
         settings = self.bot.settings
         lines = ["**smolcord status**"]

@@ -15,7 +15,8 @@ from discord.ext import commands
 from bot.answering import NO_MENTIONS, InteractionDestination, ReplyDestination
 from bot.attachments import AttachmentRef, AttachmentRefused, fetch_image
 from bot.conversation import DEFAULT_IMAGE_QUESTION, Question
-from feedback.store import service
+from feedback.store import prompts as prompts_service
+from feedback.store import responses as responses_service
 from smolcord.images import NormalizedImage
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class Chat(commands.Cog):
         if isinstance(resolved, discord.Message):
             return resolved.author.id == self.bot.user.id
         async with self.bot.sessions() as session:
-            return await service.find_response(session, message_id=reference.message_id) is not None
+            return await responses_service.find_response(session, message_id=reference.message_id) is not None
 
     # ------------------------------------------------------------------ messages
 
@@ -115,7 +116,7 @@ class Chat(commands.Cog):
         conversation = None
         if message.reference is not None and message.reference.message_id is not None:
             async with self.bot.sessions() as session:
-                conversation = await service.get_conversation(
+                conversation = await prompts_service.get_conversation(
                     session, settings=self.settings, message_id=message.reference.message_id
                 )
         if not text and not message.attachments:

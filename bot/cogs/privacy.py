@@ -12,7 +12,8 @@ from discord.ext import commands
 
 from bot.checks import require_server_manager
 from bot.cogs.errors import on_app_command_error
-from feedback.store import service
+from feedback.store import consent as consent_service
+from feedback.store import deletion as deletion_service
 
 if TYPE_CHECKING:
     from bot.app import SmolcordBot
@@ -68,7 +69,9 @@ class ForgetButton(
         await interaction.response.defer()  # deleting may take a while; 3 s is all Discord waits
         bot: SmolcordBot = interaction.client  # type: ignore[assignment]
         async with bot.sessions() as session:
-            deletion = await service.forget_user(session, settings=bot.settings, user_id=self.user_id)
+            deletion = await deletion_service.forget_user(
+                session, settings=bot.settings, user_id=self.user_id
+            )
         log.info("user %s forgotten: %d prompts", self.user_id, len(deletion.prompt_ids))
         await interaction.edit_original_response(
             content=(
@@ -119,11 +122,11 @@ class Privacy(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         settings = self.bot.settings
         async with self.bot.sessions() as session:
-            status = await service.get_user_status(session, user_id=interaction.user.id)
+            status = await consent_service.get_user_status(session, user_id=interaction.user.id)
         consent = None
         if interaction.guild_id is not None:
             async with self.bot.sessions() as session:
-                consent = await service.get_guild_settings(
+                consent = await consent_service.get_guild_settings(
                     session, settings=settings, guild_id=interaction.guild_id
                 )
         await interaction.followup.send(
@@ -135,7 +138,7 @@ class Privacy(commands.Cog):
     async def opt_out(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         async with self.bot.sessions() as session:
-            changed = await service.opt_out(session, user_id=interaction.user.id)
+            changed = await consent_service.opt_out(session, user_id=interaction.user.id)
         if changed:
             text = (
                 "Done: from now on your questions and votes never reach training, in any server. They are "
@@ -150,7 +153,7 @@ class Privacy(commands.Cog):
     async def opt_in(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         async with self.bot.sessions() as session:
-            changed = await service.opt_in(session, user_id=interaction.user.id)
+            changed = await consent_service.opt_in(session, user_id=interaction.user.id)
         if changed:
             text = (
                 "Done: your new questions and votes may help train smolcord, in servers whose admins "
@@ -194,7 +197,7 @@ class Privacy(commands.Cog):
         await interaction.response.defer(thinking=True)
         role_id = None if role is None or role.is_default() else role.id
         async with self.bot.sessions() as session:
-            await service.set_voter_role(
+            await consent_service.set_voter_role(
                 session, settings=self.bot.settings, guild_id=interaction.guild_id, role_id=role_id
             )
         log.info(
@@ -213,7 +216,7 @@ class Privacy(commands.Cog):
         # Public on purpose: members should see when their server starts or stops training the model.
         await interaction.response.defer(thinking=True)
         async with self.bot.sessions() as session:
-            await service.set_learning(
+            await consent_service.set_learning(
                 session, settings=self.bot.settings, guild_id=interaction.guild_id, enabled=enabled
             )
         log.info("guild %s learning %s by user %s", interaction.guild_id, enabled, interaction.user.id)
@@ -232,12 +235,16 @@ class Privacy(commands.Cog):
 
 
 def info_text(
-    retention_days: int, status: str | None, consent: service.GuildConsent | None, *, grace_days: int = 7
+    retention_days: int,
+    status: str | None,
+    consent: consent_service.GuildConsent | None,
+    *,
+    grace_days: int = 7,
 ) -> str:
     """`/privacy info`: what is stored, why, for how long, and where this user and server stand."""
-    if status == service.FORGOTTEN:
+    if status == consent_service.FORGOTTEN:
         yours = "you asked to be forgotten: what you had was deleted, and nothing new of yours trains me"
-    elif status == service.OPTED_OUT:
+    elif status == consent_service.OPTED_OUT:
         yours = "you opted out: nothing of yours reaches training"
     else:
         yours = "you have not opted out"

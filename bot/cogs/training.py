@@ -13,7 +13,7 @@ from discord.ext import commands, tasks
 
 from bot.nightly import nightly_time, should_train, training_readiness
 from bot.training_runner import RunInProgress, RunResult, TrainingProgress, TrainingRunner
-from feedback.store.service import purge_expired
+from feedback.store.deletion import purge_expired
 from smolcord.registry import RegistryError
 from smolcord.trainlock import training_running
 

@@ -21,7 +21,11 @@ from discord.ext import commands
 
 from bot.answering import NO_MENTIONS, ReplyDestination
 from bot.limits import HourlyQuota
-from feedback.store import service
+from feedback.store import consent as consent_service
+from feedback.store import deletion as deletion_service
+from feedback.store import prompts as prompts_service
+from feedback.store import reactions as reactions_service
+from feedback.store import responses as responses_service
 from feedback.store.errors import FeedbackError, NotAVote, UnknownPrompt, UnknownResponse
 from feedback.store.votes import action_of, canonical_vote_emoji, vote_value
 
@@ -104,7 +108,7 @@ class Votes(commands.Cog):
                     self._live_vote(payload.message_id, payload.user_id, emoji),
                     self.bot.sessions() as session,
                 ):
-                    await service.set_reaction(
+                    await reactions_service.set_reaction(
                         session,
                         message_id=payload.message_id,
                         user_id=payload.user_id,
@@ -129,7 +133,7 @@ class Votes(commands.Cog):
             self._live_vote(payload.message_id, payload.user_id, emoji),
             self.bot.sessions() as session,
         ):
-            await service.clear_reaction(
+            await reactions_service.clear_reaction(
                 session, message_id=payload.message_id, user_id=payload.user_id, emoji=emoji
             )
 
@@ -138,7 +142,7 @@ class Votes(commands.Cog):
         if payload.guild_id in self.departed:
             return
         async with self._live_vote(payload.message_id, None, None), self.bot.sessions() as session:
-            cleared = await service.clear_message_reactions(session, message_id=payload.message_id)
+            cleared = await reactions_service.clear_message_reactions(session, message_id=payload.message_id)
         if cleared:
             log.info("reactions cleared on message %s: %d votes removed", payload.message_id, cleared)
 
@@ -150,7 +154,9 @@ class Votes(commands.Cog):
             return
         emoji = payload.emoji.name
         async with self._live_vote(payload.message_id, None, emoji), self.bot.sessions() as session:
-            await service.clear_message_reactions(session, message_id=payload.message_id, emoji=emoji)
+            await reactions_service.clear_message_reactions(
+                session, message_id=payload.message_id, emoji=emoji
+            )
 
     # ------------------------------------------------------------------ 🔁 and 🗑️
 
@@ -160,7 +166,7 @@ class Votes(commands.Cog):
         # made stays counted (a failed answer used the worker, a deleted one was still asked for).
         reserved = self.regen_quota.take(user_id)
         async with self.bot.sessions() as session:
-            response = await service.find_response(session, message_id=payload.message_id)
+            response = await responses_service.find_response(session, message_id=payload.message_id)
         if response is None:  # not an answer: nothing was requested
             if reserved:
                 self.regen_quota.give_back(user_id)
@@ -172,7 +178,7 @@ class Votes(commands.Cog):
             return
         try:
             async with self.bot.sessions() as session:
-                prompt = await service.get_prompt(
+                prompt = await prompts_service.get_prompt(
                     session, settings=self.settings, prompt_id=response.prompt_id
                 )
         except UnknownPrompt:
@@ -212,7 +218,7 @@ class Votes(commands.Cog):
 
     async def _delete_answer(self, payload: discord.RawReactionActionEvent) -> None:
         async with self.bot.sessions() as session:
-            response = await service.find_response(session, message_id=payload.message_id)
+            response = await responses_service.find_response(session, message_id=payload.message_id)
         if response is None:
             return
         user_id = payload.user_id
@@ -221,7 +227,7 @@ class Votes(commands.Cog):
                 return
         try:
             async with self.bot.sessions() as session:
-                deletion = await service.delete_response(
+                deletion = await deletion_service.delete_response(
                     session, settings=self.settings, response_id=response.id
                 )
         except UnknownResponse:
@@ -260,7 +266,7 @@ class Votes(commands.Cog):
     async def _channel_gone(self, channel_id: int) -> None:
         try:
             async with self.bot.sessions() as session:
-                deletion = await service.delete_channel(
+                deletion = await deletion_service.delete_channel(
                     session, settings=self.settings, channel_id=channel_id
                 )
         except FeedbackError as exc:
@@ -274,14 +280,16 @@ class Votes(commands.Cog):
     async def on_guild_remove(self, guild: discord.Guild) -> None:
         self.departed.add(guild.id)
         async with self.bot.sessions() as session:
-            due = await service.schedule_guild_deletion(session, settings=self.settings, guild_id=guild.id)
+            due = await deletion_service.schedule_guild_deletion(
+                session, settings=self.settings, guild_id=guild.id
+            )
         log.info("removed from guild %s: no longer collecting there; its data goes after %s", guild.id, due)
 
     @commands.Cog.listener()
     async def on_guild_join(self, guild: discord.Guild) -> None:
         self.departed.discard(guild.id)
         async with self.bot.sessions() as session:
-            if await service.cancel_guild_deletion(session, guild_id=guild.id):
+            if await deletion_service.cancel_guild_deletion(session, guild_id=guild.id):
                 log.info("back in guild %s before its grace period ended: its data is kept", guild.id)
 
     # ------------------------------------------------------------------ reconciling after downtime
@@ -293,7 +301,7 @@ class Votes(commands.Cog):
         self._reconciled = True
         try:  # removals and re-invites that happened while the bot was offline sent no event
             async with self.bot.sessions() as session:
-                await service.note_guilds_present(
+                await deletion_service.note_guilds_present(
                     session, settings=self.settings, guild_ids=[guild.id for guild in self.bot.guilds]
                 )
         except Exception:
@@ -322,7 +330,7 @@ class Votes(commands.Cog):
         for entry in self.answerer.recent.recent()[:limit]:
             try:
                 async with self.bot.sessions() as session:
-                    response = await service.get_response(session, response_id=entry["response_id"])
+                    response = await responses_service.get_response(session, response_id=entry["response_id"])
             except UnknownResponse:
                 self.answerer.recent.forget({entry["response_id"]})
                 continue
@@ -337,7 +345,7 @@ class Votes(commands.Cog):
             log.info("reconciled the reactions of %d recent answers", checked)
         return checked
 
-    async def _current_votes(self, response: service.ResponseView) -> set[tuple[int, str]] | None:
+    async def _current_votes(self, response: responses_service.ResponseView) -> set[tuple[int, str]] | None:
         """(user, emoji) of every 👍 / 👎 by a person on any chunk; None when an answer message is gone."""
         channel = self.bot.get_partial_messageable(response.channel_id, guild_id=response.guild_id)
         votes: set[tuple[int, str]] = set()
@@ -358,11 +366,13 @@ class Votes(commands.Cog):
                         votes.add((user.id, emoji))
         return votes
 
-    async def _store_votes(self, response: service.ResponseView, votes: set[tuple[int, str]]) -> None:
+    async def _store_votes(
+        self, response: responses_service.ResponseView, votes: set[tuple[int, str]]
+    ) -> None:
         roles: dict[int, list[int] | None] = {}
         if response.guild_id is not None:
             async with self.bot.sessions() as session:
-                consent = await service.get_guild_settings(
+                consent = await consent_service.get_guild_settings(
                     session, settings=self.settings, guild_id=response.guild_id
                 )
             guild = self.bot.get_guild(response.guild_id)
@@ -381,7 +391,7 @@ class Votes(commands.Cog):
                 return  # its reactions were cleared live: nothing older may come back
             with contextlib.suppress(UnknownResponse):
                 async with self.bot.sessions() as session:
-                    await service.reconcile_votes(
+                    await reactions_service.reconcile_votes(
                         session,
                         message_id=response.message_ids[-1],
                         votes={(user_id, emoji): roles.get(user_id) for user_id, emoji in votes},

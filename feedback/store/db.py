@@ -11,6 +11,8 @@ lasts from that first write to the commit.
 
 `transaction(session)` is the one transaction of a service call; `dialect_insert` is the INSERT
 with ON CONFLICT of SQLite or PostgreSQL, whichever the session is bound to.
+`hold_writes` and `lock_rows` are the locks a deletion and a prompt quoting what it deletes
+agree on; `ids_where_in` and `delete_where_in` keep IN lists in batches (`chunks`).
 
 Migrations: `upgrade_to_head(url)` runs Alembic synchronously, and Alembic's async env.py calls
 `asyncio.run`, which cannot run inside a running event loop. Call it before the loop starts (the
@@ -27,12 +29,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, event
+from sqlalchemy import Table, delete, event, false, select, update
 from sqlalchemy.dialects.postgresql import dml as postgresql_dml
 from sqlalchemy.dialects.sqlite import dml as sqlite_dml
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+
+from feedback.store.models import Prompt
 
 __all__ = [
     "ALEMBIC_DIR",
@@ -41,8 +45,12 @@ __all__ = [
     "chunks",
     "create_engine",
     "current_revision",
+    "delete_where_in",
     "dialect_insert",
     "head_revision",
+    "hold_writes",
+    "ids_where_in",
+    "lock_rows",
     "sessionmaker",
     "transaction",
     "upgrade_to_head",
@@ -136,6 +144,48 @@ def chunks(items: Iterable[T], size: int = 500) -> Iterator[Sequence[T]]:
             batch = []
     if batch:
         yield batch
+
+
+async def ids_where_in(
+    session: AsyncSession, column: Any, where_column: Any, values: Iterable[Any]
+) -> set[Any]:
+    """The `column` values of the rows whose `where_column` is in `values` (in batches)."""
+    found: set[Any] = set()
+    for batch in chunks(sorted(set(values))):
+        found.update(await session.scalars(select(column).where(where_column.in_(batch))))
+    return found
+
+
+async def delete_where_in(session: AsyncSession, model: Any, column: Any, values: Iterable[Any]) -> int:
+    """Delete the rows of `model` whose `column` is in `values` (in batches); returns how many."""
+    count = 0
+    for batch in chunks(sorted(set(values))):
+        result = await session.execute(delete(model).where(column.in_(batch)))
+        count += int(result.rowcount)  # type: ignore[attr-defined]
+    return count
+
+
+async def hold_writes(session: AsyncSession) -> None:
+    """On SQLite, take the database's write lock now, before a deletion reads what quotes its rows.
+
+    The driver begins a transaction only at the first write; until then a prompt quoting a row
+    being deleted could be committed after the closure was read and survive with the quoted words.
+    A write that changes nothing takes the lock (other writers wait on the busy timeout).
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        await session.execute(update(Prompt).where(false()).values(key=Prompt.key))
+
+
+async def lock_rows(session: AsyncSession, column: Any, ids: set[int]) -> None:
+    """Row-lock what is about to be deleted (PostgreSQL; SQLite holds its write lock already).
+
+    A prompt recorded concurrently that quotes one of these rows then either committed before (and
+    the closure, read next, finds it) or waits and fails its foreign key (UnknownPrompt: refused).
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        return
+    for batch in chunks(sorted(ids)):
+        await session.execute(select(column).where(column.in_(batch)).with_for_update())
 
 
 # ------------------------------------------------------------------------------ migrations

@@ -9,7 +9,7 @@ Rules, all applied here at build time (so a later opt-out or `/learning off` cou
   guild names a voter role, the voter held that role when voting (the role recorded with the
   vote must be the one named now).
 - A user's vote on a response is (a 👍 present) − (a 👎 present); a response's score is the sum.
-- Responses are compared within a prompt key (same images, question and history: feedback.store.service
+- Responses are compared within a prompt key (same images, question and history: feedback.store.history
   .prompt_key), so a 🔁 alternative and the first answer form pairs, and so do answers to the same
   question asked twice. Every chosen (score > 0) × rejected (score < 0) whose texts differ is a
   pair; within a key, one pair per distinct (chosen text, rejected text).

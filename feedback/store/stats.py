@@ -1,4 +1,4 @@
-"""Counts of the training data, in SQL: what `/smolcord status` and the nightly decision need, cheaply.
+"""Store statistics (`/smolcord status`, the nightly decision), the training data counted in SQL, cheaply.
 
 `feedback.store.pairs` builds every pair with its texts, images and voters, and caps voter share: a few
 seconds of Python at 10⁵ responses, fine in the training job's own process but not on the bot's
@@ -15,19 +15,21 @@ is what the rules allow *before* that cap, so a run may use fewer when one voter
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Subquery, and_, case, func, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from feedback.store.db import transaction
-from feedback.store.models import Prompt, Response, TrainingRun, TrainingRunPair
+from feedback.store.models import Prompt, Reaction, Response, TrainingRun, TrainingRunPair
+from feedback.store.runs import TrainingRunView, load_run
+from feedback.store.votes import THUMBS_DOWN_VARIANTS, THUMBS_UP_VARIANTS
 
 if TYPE_CHECKING:
     from smolcord.settings import Settings
 
-__all__ = ["PairCounts", "count_pairs", "trainable_scores"]
+__all__ = ["AdapterVotes", "PairCounts", "StoreStats", "count_pairs", "store_stats", "trainable_scores"]
 
 _BATCH = 1_000  # (key, count) rows read and hashed between two yields to the event loop (a few ms)
 
@@ -39,6 +41,37 @@ class PairCounts:
     pairs: int
     new_pairs: int  # not used by the last successful run (what SMOLCORD_MIN_NEW_PAIRS counts)
     heldout_pairs: int
+
+
+@dataclass(frozen=True)
+class AdapterVotes:
+    """Votes on the answers of one adapter version (None: the base model)."""
+
+    adapter_version: str | None
+    up: int
+    down: int
+
+    @property
+    def up_share(self) -> float | None:
+        """👍 / (👍 + 👎), None before any vote."""
+        total = self.up + self.down
+        return self.up / total if total else None
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Counts for `/stats` and the nightly scheduler."""
+
+    prompts: int
+    trainable_prompts: int
+    responses: int
+    votes: int  # (response, user) pairs with a 👍 or 👎 present
+    pairs: int  # pairs the rules allow now, before the voter-share cap (feedback.store.stats)
+    new_pairs: int  # of those, not used by the last successful run
+    pairs_needed: int  # new pairs still missing before the nightly run trains (SMOLCORD_MIN_NEW_PAIRS)
+    last_run: TrainingRunView | None
+    by_adapter: tuple[AdapterVotes, ...] = field(default_factory=tuple)
+    heldout_pairs: int = 0  # of `pairs`, those in the permanent held-out split (the gate's)
 
 
 def trainable_scores(settings: Settings) -> Subquery:
@@ -109,3 +142,62 @@ async def count_pairs(session: AsyncSession, *, settings: Settings) -> PairCount
                 if is_heldout(key, settings.heldout_fraction):  # a hash: only Python can split
                     heldout += count
     return PairCounts(pairs=total, new_pairs=new, heldout_pairs=heldout)
+
+
+async def store_stats(session: AsyncSession, *, settings: Settings) -> StoreStats:
+    """Prompts, votes, pairs, new pairs still needed before the nightly run, and 👍 share per adapter version."""
+    # counted in SQL, never built: this runs on the bot's event loop (feedback.store.stats)
+    counts = await count_pairs(session, settings=settings)
+    async with transaction(session):
+        prompts, trainable = (
+            await session.execute(
+                select(
+                    func.count(), func.coalesce(func.sum(case((Prompt.trainable.is_(True), 1), else_=0)), 0)
+                )
+            )
+        ).one()
+        responses = await session.scalar(select(func.count()).select_from(Response))
+        # one vote per (response, user): (👍 present) − (👎 present), as pairs count them
+        up = func.max(case((Reaction.emoji.in_(THUMBS_UP_VARIANTS), 1), else_=0))
+        down = func.max(case((Reaction.emoji.in_(THUMBS_DOWN_VARIANTS), 1), else_=0))
+        per_user = (
+            select(Reaction.response_id, (up - down).label("vote"))
+            .group_by(Reaction.response_id, Reaction.user_id)
+            .subquery()
+        )
+        rows = (
+            await session.execute(
+                select(
+                    Response.adapter_version,
+                    func.sum(case((per_user.c.vote > 0, 1), else_=0)),
+                    func.sum(case((per_user.c.vote < 0, 1), else_=0)),
+                )
+                .join(per_user, per_user.c.response_id == Response.id)
+                .group_by(Response.adapter_version)
+            )
+        ).all()
+        last = await session.scalar(
+            select(TrainingRun)
+            .where(TrainingRun.status == "succeeded")
+            .order_by(TrainingRun.id.desc())
+            .limit(1)
+        )
+        last_view = None if last is None else await load_run(session, last)
+    by_adapter = tuple(
+        sorted(
+            (AdapterVotes(version, int(u or 0), int(d or 0)) for version, u, d in rows),
+            key=lambda votes: (votes.adapter_version is not None, votes.adapter_version or ""),
+        )
+    )
+    return StoreStats(
+        prompts=int(prompts),
+        trainable_prompts=int(trainable),
+        responses=int(responses or 0),
+        votes=sum(v.up + v.down for v in by_adapter),
+        pairs=counts.pairs,
+        new_pairs=counts.new_pairs,
+        pairs_needed=max(0, settings.min_new_pairs - counts.new_pairs),
+        last_run=last_view,
+        by_adapter=by_adapter,
+        heldout_pairs=counts.heldout_pairs,
+    )

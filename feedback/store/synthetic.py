@@ -90,7 +90,10 @@ async def _record(
     size: tuple[int, int],
     filler_words: int,
 ) -> SyntheticVotes:
-    from feedback.store import service
+    from feedback.store import consent as consent_service
+    from feedback.store import prompts as prompts_service
+    from feedback.store import reactions as reactions_service
+    from feedback.store import responses as responses_service
     from feedback.store.db import create_engine, sessionmaker
     from feedback.store.pairs import is_heldout
 
@@ -105,11 +108,11 @@ async def _record(
             return await function(session, **kwargs)
 
     try:
-        await call(service.set_learning, settings=settings, guild_id=GUILD, enabled=True)
+        await call(consent_service.set_learning, settings=settings, guild_id=GUILD, enabled=True)
         for i in range(count):
             colour = names[i % len(names)]
             recorded = await call(
-                service.record_prompt, settings=settings, guild_id=GUILD, channel_id=CHANNEL,
+                prompts_service.record_prompt, settings=settings, guild_id=GUILD, channel_id=CHANNEL,
                 message_id=next(ids), author_id=next(ids), question=QUESTIONS[rng.randrange(len(QUESTIONS))],
                 images=[colour_png(colour, seed * 100_000 + i, size)],
             )  # fmt: skip
@@ -119,11 +122,14 @@ async def _record(
             wrong = rng.sample([c for c in names if c != colour], answers - 1)
             for n, said in enumerate([colour, *wrong]):
                 message = next(ids)
-                await call(service.record_response, prompt_id=recorded.id, text=answer(said, filler_words),
-                           message_ids=[message], regenerated=n > 0)  # fmt: skip
+                await call(responses_service.record_response, prompt_id=recorded.id,
+                           text=answer(said, filler_words), message_ids=[message], regenerated=n > 0)  # fmt: skip
                 liked = (said == colour) != flip
                 await call(
-                    service.set_reaction, message_id=message, user_id=next(ids), emoji="👍" if liked else "👎"
+                    reactions_service.set_reaction,
+                    message_id=message,
+                    user_id=next(ids),
+                    emoji="👍" if liked else "👎",
                 )
     finally:
         await engine.dispose()

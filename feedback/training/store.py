@@ -11,15 +11,17 @@ import asyncio
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from feedback.store import service
+from feedback.store import adapters as adapters_service
+from feedback.store import runs as runs_service
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+    from feedback.store.adapters import AdapterRecord
     from feedback.store.pairs import PreferencePair, RatedAnswer
-    from feedback.store.service import AdapterRecord, TrainingRunView
+    from feedback.store.runs import TrainingRunView
     from smolcord.settings import Settings
 
 __all__ = ["JobStore"]
@@ -84,7 +86,7 @@ class JobStore:
     ) -> int:
         """Record a run as running, with the examples it trains and gates on; its id."""
         return self._call(
-            lambda s: service.start_training_run(
+            lambda s: runs_service.start_training_run(
                 s, method=method, heldout_fraction=heldout_fraction, examples=examples
             )
         )
@@ -100,18 +102,18 @@ class JobStore:
     ) -> TrainingRunView:
         """Record how a run ended: succeeded, failed or skipped."""
         return self._call(
-            lambda s: service.finish_training_run(
+            lambda s: runs_service.finish_training_run(
                 s, run_id=run_id, status=status, metrics=metrics, adapter_version=adapter_version, error=error
             )
         )
 
     def get_run(self, *, run_id: int) -> TrainingRunView:
         """One run's record."""
-        return self._call(lambda s: service.get_training_run(s, run_id=run_id))
+        return self._call(lambda s: runs_service.get_training_run(s, run_id=run_id))
 
     def last_run(self, *, statuses: Collection[str] = ("succeeded",)) -> TrainingRunView | None:
         """The latest run with one of `statuses`, if any."""
-        return self._call(lambda s: service.last_training_run(s, statuses=statuses))
+        return self._call(lambda s: runs_service.last_training_run(s, statuses=statuses))
 
     def close_stale_runs(self) -> None:
         """Runs still "running" while we hold the lock were killed: record them as failed."""
@@ -126,11 +128,13 @@ class JobStore:
         self, *, version: str, run_id: int | None, metrics: Mapping[str, Any], promoted: bool
     ) -> AdapterRecord:
         """Record a new version with its metrics, as promoted or rejected."""
-        self._call(lambda s: service.record_adapter(s, version=version, run_id=run_id, metrics=metrics))
+        self._call(
+            lambda s: adapters_service.record_adapter(s, version=version, run_id=run_id, metrics=metrics)
+        )
         if promoted:
-            return self._call(lambda s: service.promote_adapter(s, version=version))
-        return self._call(lambda s: service.reject_adapter(s, version=version))
+            return self._call(lambda s: adapters_service.promote_adapter(s, version=version))
+        return self._call(lambda s: adapters_service.reject_adapter(s, version=version))
 
     def list_adapters(self) -> list[AdapterRecord]:
         """Every recorded version, oldest first."""
-        return self._call(service.list_adapters)
+        return self._call(adapters_service.list_adapters)

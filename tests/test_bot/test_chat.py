@@ -16,7 +16,9 @@ from fake_discord import FakeMessage
 from PIL import Image
 
 from bot.conversation import fit_history, trim_history
-from feedback.store import service
+from feedback.store import prompts as prompts_service
+from feedback.store import responses as responses_service
+from feedback.store import stats as stats_service
 from feedback.store.votes import REGENERATE
 
 pytestmark = pytest.mark.timeout(60)
@@ -105,7 +107,7 @@ async def replies_to(world: Any, question: FakeMessage, *, wait_s: float = 10) -
 
 async def stored_prompts(world: Any) -> int:
     async with world.sessions() as s:
-        return (await service.store_stats(s, settings=world.settings)).prompts
+        return (await stats_service.store_stats(s, settings=world.settings)).prompts
 
 
 async def test_mention_with_image_gets_streamed_recorded_answer(start_bot) -> None:
@@ -120,8 +122,8 @@ async def test_mention_with_image_gets_streamed_recorded_answer(start_bot) -> No
         assert [answer.reactors(e) for e in VOTES] == [[fake.bot_user.id]] * 3
         assert fake.actions_of("typing")
         async with world.sessions() as s:
-            response = await service.find_response(s, message_id=answer.id)
-            prompt = await service.find_prompt(s, settings=world.settings, message_id=question.id)
+            response = await responses_service.find_response(s, message_id=answer.id)
+            prompt = await prompts_service.find_prompt(s, settings=world.settings, message_id=question.id)
         assert response is not None and prompt is not None and response.prompt_id == prompt.id
         assert response.message_ids == (answer.id,) and response.adapter_version is None
         assert response.sampling["temperature"] == 0.0 and response.requested_by == world.alice.id
@@ -168,9 +170,11 @@ async def test_ask_command_defers_then_streams_into_its_response(start_bot) -> N
         assert answer.content.splitlines()[-1].startswith("-# smolcord base")
         assert_quiet(answer)
         async with world.sessions() as s:
-            response = await service.find_response(s, message_id=answer.id)
+            response = await responses_service.find_response(s, message_id=answer.id)
             assert response is not None and response.prompt_message_id is None
-            prompt = await service.get_prompt(s, settings=world.settings, prompt_id=response.prompt_id)
+            prompt = await prompts_service.get_prompt(
+                s, settings=world.settings, prompt_id=response.prompt_id
+            )
         assert prompt.question == "what colour?" and len(prompt.own_images) == 1 and prompt.message_id is None
 
         # a refused image is said in the response, and the worker is not asked
@@ -191,9 +195,9 @@ async def test_follow_up_reply_carries_the_earlier_turn(start_bot) -> None:
         follow_up = await fake.send_message(world.channel, world.alice, "and its colour?", reference=first)
         [second] = await answer_to(world, follow_up)
         async with world.sessions() as s:
-            earlier = await service.find_prompt(s, settings=world.settings, message_id=question.id)
-            prompt = await service.find_prompt(s, settings=world.settings, message_id=follow_up.id)
-            first_response = await service.find_response(s, message_id=first.id)
+            earlier = await prompts_service.find_prompt(s, settings=world.settings, message_id=question.id)
+            prompt = await prompts_service.find_prompt(s, settings=world.settings, message_id=follow_up.id)
+            first_response = await responses_service.find_response(s, message_id=first.id)
         assert earlier is not None and prompt is not None and first_response is not None
         assert prompt.question == "and its colour?" and prompt.parent_response_id == first_response.id
         image = earlier.own_images[0].sha256
@@ -227,8 +231,8 @@ async def test_dm_text_question_and_history_limits(start_bot) -> None:
         notices = [m for m in fake.messages_in(fake.dm_channel(world.alice)) if m.content.startswith("ℹ️")]
         assert len(notices) == 1 and "DMs never train" in notices[0].content
         async with world.sessions() as s:
-            prompt = await service.find_prompt(s, settings=world.settings, message_id=question.id)
-            later = await service.find_prompt(s, settings=world.settings, message_id=follow_up.id)
+            prompt = await prompts_service.find_prompt(s, settings=world.settings, message_id=question.id)
+            later = await prompts_service.find_prompt(s, settings=world.settings, message_id=follow_up.id)
         assert prompt is not None and prompt.guild_id is None and not prompt.trainable and prompt.images == ()
         assert later is not None and [t["role"] for t in later.history] == ["user", "assistant"]
 
@@ -348,7 +352,7 @@ async def test_long_answer_with_mentions_is_split_and_pings_nobody(start_bot) ->
                 assert_quiet(chunk)
             assert [c.reactors(REGENERATE) for c in chunks[:-1]] == [[]] * (len(chunks) - 1)
             async with world.sessions() as s:
-                response = await service.find_response(s, message_id=chunks[0].id)
+                response = await responses_service.find_response(s, message_id=chunks[0].id)
             assert response is not None and response.text == text and response.adapter_version == "v3"
             assert response.message_ids == tuple(c.id for c in chunks)
             assert len(scripted.requests) == 3
@@ -356,7 +360,7 @@ async def test_long_answer_with_mentions_is_split_and_pings_nobody(start_bot) ->
             await world.fake.react(chunks[0], world.bob, "👍")
             for _ in range(100):
                 async with world.sessions() as s:
-                    if (await service.store_stats(s, settings=world.settings)).votes:
+                    if (await stats_service.store_stats(s, settings=world.settings)).votes:
                         break
                 await asyncio.sleep(0.05)
             else:

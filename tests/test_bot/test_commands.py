@@ -16,7 +16,8 @@ from test_feedback.harness import StoreHarness, make_image
 from bot.answering import Answerer
 from bot.app import SmolcordBot
 from bot.cogs.errors import on_app_command_error
-from feedback.store import service
+from feedback.store import consent as consent_service
+from feedback.store import prompts as prompts_service
 from smolcord.worker_client import WorkerClient
 
 INTERACTION_DEADLINE_S = 3.0
@@ -69,7 +70,7 @@ def store(world: BotWorld) -> StoreHarness:
 
 async def record_answered_prompt(
     world: BotWorld, author: FakeUser, *, voter: FakeUser, emoji: str, adapter_version: str | None = None
-) -> tuple[service.RecordedPrompt, int, int]:
+) -> tuple[prompts_service.RecordedPrompt, int, int]:
     """A stored prompt by `author` in the test guild with one answer that `voter` reacted to."""
     harness = store(world)
     prompt = await harness.prompt(
@@ -226,9 +227,9 @@ async def test_learning_needs_manage_server_or_a_bot_admin_and_changes_the_conse
     async with start_bot() as world:
         fake, guild = world.fake, world.guild
 
-        async def consent() -> service.GuildConsent:
+        async def consent() -> consent_service.GuildConsent:
             return await store(world).call(
-                service.get_guild_settings, settings=world.settings, guild_id=guild.id
+                consent_service.get_guild_settings, settings=world.settings, guild_id=guild.id
             )
 
         _, refused = await run_command(world, "learning on", world.bob)
@@ -275,14 +276,14 @@ async def test_learning_voter_role(start_bot):
         assert f"<@&{role_id}>" in answer.content
         assert answer.mentions == [] and answer.allowed_mentions == {"parse": []}
         consent = await store(world).call(
-            service.get_guild_settings, settings=world.settings, guild_id=guild.id
+            consent_service.get_guild_settings, settings=world.settings, guild_id=guild.id
         )
         assert consent.voter_role_id == role_id
 
         _, answer = await run_command(world, "learning voter-role", fake.owner)
         assert "everyone's" in answer.content
         consent = await store(world).call(
-            service.get_guild_settings, settings=world.settings, guild_id=guild.id
+            consent_service.get_guild_settings, settings=world.settings, guild_id=guild.id
         )
         assert consent.voter_role_id is None
 
@@ -306,7 +307,10 @@ async def test_opt_out_and_opt_in_change_the_store(start_bot):
         harness = store(world)
         _, answer = await run_command(world, "privacy opt-out", world.alice)
         assert answer.ephemeral and "never reach training" in answer.content
-        assert await harness.call(service.get_user_status, user_id=world.alice.id) == service.OPTED_OUT
+        assert (
+            await harness.call(consent_service.get_user_status, user_id=world.alice.id)
+            == consent_service.OPTED_OUT
+        )
         _, answer = await run_command(world, "privacy opt-out", world.alice)
         assert "already" in answer.content
 
@@ -316,7 +320,7 @@ async def test_opt_out_and_opt_in_change_the_store(start_bot):
         await world.bot.sync_commands(None)  # DMs see global commands only
         _, answer = await run_command(world, "privacy opt-in", world.alice, guild=None)
         assert "may help train" in answer.content
-        assert await harness.call(service.get_user_status, user_id=world.alice.id) is None
+        assert await harness.call(consent_service.get_user_status, user_id=world.alice.id) is None
 
         def broken_store() -> Any:
             raise RuntimeError("the database went away")
@@ -341,14 +345,16 @@ async def test_forget_me_deletes_only_after_the_click_even_after_a_restart(start
         assert ask.ephemeral and "cannot be undone" in ask.content
         confirm = f"smolcord:forget:confirm:{world.alice.id}"
         cancel = f"smolcord:forget:cancel:{world.alice.id}"
-        assert await harness.call(service.get_prompt, settings=world.settings, prompt_id=alice_prompt.id)
+        assert await harness.call(
+            prompts_service.get_prompt, settings=world.settings, prompt_id=alice_prompt.id
+        )
 
         stranger = await fake.click(ask, confirm, world.bob)  # not bob's to press
         assert "not yours" in (await stranger.wait_response()).content
         cancelled = await fake.click(ask, cancel, world.alice)
         await cancelled.wait_callback()
         assert "nothing was deleted" in ask.content and ask.get("components") == []
-        assert await harness.call(service.get_user_status, user_id=world.alice.id) is None
+        assert await harness.call(consent_service.get_user_status, user_id=world.alice.id) is None
 
         _, ask = await run_command(world, "privacy forget-me", world.alice)
 
@@ -361,12 +367,17 @@ async def test_forget_me_deletes_only_after_the_click_even_after_a_restart(start
             assert "deleted 1 questions, 1 answers and 2 votes" in ask.content
             assert ask.get("components") == []
 
-        assert await harness.call(service.get_user_status, user_id=world.alice.id) == service.FORGOTTEN
+        assert (
+            await harness.call(consent_service.get_user_status, user_id=world.alice.id)
+            == consent_service.FORGOTTEN
+        )
         alice_left = await harness.sql("SELECT count(*) FROM prompts WHERE author_id = :a", a=world.alice.id)
         alice_votes = await harness.sql("SELECT count(*) FROM reactions WHERE user_id = :a", a=world.alice.id)
         assert alice_left[0][0] == 0 and alice_votes[0][0] == 0
         # Bob's question, his answer and his own vote stay; only alice's vote on it went.
-        kept = await harness.call(service.get_prompt, settings=world.settings, prompt_id=bob_prompt.id)
+        kept = await harness.call(
+            prompts_service.get_prompt, settings=world.settings, prompt_id=bob_prompt.id
+        )
         assert kept.author_id == world.bob.id
         bob_votes = await harness.sql("SELECT count(*) FROM reactions WHERE user_id = :b", b=world.bob.id)
         assert bob_votes[0][0] == 1

@@ -14,7 +14,7 @@ from aiohttp import web
 from test_bot.test_chat import answer_to, ask, chat_requests, fast, replies_to, stored_prompts
 from test_bot.test_votes import settle, stored_votes, votes_become
 
-from feedback.store import service
+from feedback.store import responses as responses_service
 from feedback.store.votes import REGENERATE
 
 pytestmark = pytest.mark.timeout(60)
@@ -136,7 +136,9 @@ async def test_regenerations_count_when_asked_for_and_deleting_them_refunds_noth
             await fake.react(message, world.alice, "🗑️")
             await fake.wait_for("message_delete", lambda a, m=message: a.data["id"] == m.id, timeout=10)
         async with world.sessions() as s:
-            assert all([await service.find_response(s, message_id=m.id) is None for m in regenerated])
+            assert all(
+                [await responses_service.find_response(s, message_id=m.id) is None for m in regenerated]
+            )
 
         mark = fake.mark()
         await fake.unreact(first, world.alice, REGENERATE)

@@ -15,7 +15,8 @@ from test_bot.test_commands import run_command, store
 from test_bot.test_votes import votes_become
 
 from bot.consent_notices import ConsentNotices
-from feedback.store import service
+from feedback.store import consent as consent_service
+from feedback.store import prompts as prompts_service
 from feedback.store.models import GuildRemoval, utcnow
 from feedback.store.pairs import build_pairs
 from feedback.store.votes import REGENERATE
@@ -23,9 +24,9 @@ from feedback.store.votes import REGENERATE
 pytestmark = pytest.mark.timeout(90)
 
 
-async def prompt_of(world: Any, message: Any) -> service.PromptView | None:
+async def prompt_of(world: Any, message: Any) -> prompts_service.PromptView | None:
     async with world.sessions() as s:
-        return await service.find_prompt(s, settings=world.settings, message_id=message.id)
+        return await prompts_service.find_prompt(s, settings=world.settings, message_id=message.id)
 
 
 async def eventually(check: Any, wait_s: float = 10) -> None:
@@ -83,7 +84,9 @@ async def test_forget_me_and_opt_out_reach_follow_ups_that_quote_the_user(start_
     async with start_bot(max_tokens=8, max_voter_share=1.0) as world:
         fake = fast(world).fake
         async with world.sessions() as s:
-            await service.set_learning(s, settings=world.settings, guild_id=world.guild.id, enabled=True)
+            await consent_service.set_learning(
+                s, settings=world.settings, guild_id=world.guild.id, enabled=True
+            )
         question = await ask(world, "alice asks")
         [answer] = await answer_to(world, question)
         follow = await fake.send_message(

@@ -24,7 +24,7 @@ from test_feedback.harness import StoreHarness, make_image
 
 from bot.nightly import TrainingReadiness, next_nightly_run, nightly_time, should_train, training_readiness
 from bot.training_runner import TRAIN_COMMAND, child_env
-from feedback.store import service
+from feedback.store import adapters as adapters_service
 from feedback.store.pairs import is_heldout
 from smolcord.registry import AdapterRegistry
 from smolcord.settings import Settings
@@ -389,7 +389,7 @@ async def test_rollback_moves_current_back_records_it_and_tells_the_worker(start
             assert f"The worker serves {v1} now." in answer.content
             assert registry.current() == v1
             assert (await world.bot.worker.health())["adapter"] == v1
-            history = {a.version: a.status for a in await store(world).call(service.list_adapters)}
+            history = {a.version: a.status for a in await store(world).call(adapters_service.list_adapters)}
             assert history == {v1: "promoted", v2: "rolled_back"}
 
             _, answer = await run_command(world, "smolcord rollback", owner, {"version": v2})

@@ -9,7 +9,10 @@ import pytest
 from sqlalchemy import select
 from test_bot.test_chat import answer_to, ask, fast, replies_to, stored_prompts
 
-from feedback.store import service
+from feedback.store import consent as consent_service
+from feedback.store import prompts as prompts_service
+from feedback.store import responses as responses_service
+from feedback.store import stats as stats_service
 from feedback.store.export import export
 from feedback.store.models import Reaction
 from feedback.store.pairs import build_pairs
@@ -58,7 +61,7 @@ async def test_votes_follow_reactions_on_any_chunk(start_bot) -> None:
         await fake.react(answer, bob, "👎🏽")
         await votes_become(world, {(alice.id, "👍"), (alice.id, "👎"), (bob.id, "👎🏽")})
         async with world.sessions() as s:
-            stats = await service.store_stats(s, settings=world.settings)
+            stats = await stats_service.store_stats(s, settings=world.settings)
         [votes] = stats.by_adapter
         assert (votes.adapter_version, votes.up, votes.down) == (None, 0, 1)
 
@@ -88,7 +91,9 @@ async def test_regenerate_makes_a_pair_with_learning_on(start_bot) -> None:
     async with start_bot(max_tokens=8, max_voter_share=1.0, regen_per_hour=1) as world:
         fake = fast(world).fake
         async with world.sessions() as s:
-            await service.set_learning(s, settings=world.settings, guild_id=world.guild.id, enabled=True)
+            await consent_service.set_learning(
+                s, settings=world.settings, guild_id=world.guild.id, enabled=True
+            )
         question = await ask(world)
         [first] = await answer_to(world, question)
         notice = (
@@ -107,8 +112,8 @@ async def test_regenerate_makes_a_pair_with_learning_on(start_bot) -> None:
         second = action.message
         assert second.reply_to == first.id and second.content.splitlines()[-1].startswith("-# smolcord")
         async with world.sessions() as s:
-            one = await service.find_response(s, message_id=first.id)
-            two = await service.find_response(s, message_id=second.id)
+            one = await responses_service.find_response(s, message_id=first.id)
+            two = await responses_service.find_response(s, message_id=second.id)
         assert one is not None and two is not None and one.prompt_id == two.prompt_id
         assert two.regenerated and two.requested_by == world.alice.id
         assert two.sampling["temperature"] == world.settings.regen_temperature
@@ -131,7 +136,9 @@ async def test_regenerate_makes_a_pair_with_learning_on(start_bot) -> None:
 
         # learning turned off: nothing reaches training any more
         async with world.sessions() as s:
-            await service.set_learning(s, settings=world.settings, guild_id=world.guild.id, enabled=False)
+            await consent_service.set_learning(
+                s, settings=world.settings, guild_id=world.guild.id, enabled=False
+            )
             assert await build_pairs(s, settings=world.settings) == []
             report = await export(s, settings=world.settings, out=world.settings.data_dir / "out.jsonl")
         assert report.rows == 0
@@ -151,10 +158,12 @@ async def test_learning_off_records_nothing_trainable(start_bot) -> None:
         await fake.react(second, world.bob, "👎")
         await votes_become(world, {(world.alice.id, "👍"), (world.bob.id, "👎")})
         async with world.sessions() as s:
-            prompt = await service.find_prompt(s, settings=world.settings, message_id=question.id)
+            prompt = await prompts_service.find_prompt(s, settings=world.settings, message_id=question.id)
             assert prompt is not None and not prompt.trainable and len(prompt.response_ids) == 2
             # even once the server turns learning on, what was asked while off stays out
-            await service.set_learning(s, settings=world.settings, guild_id=world.guild.id, enabled=True)
+            await consent_service.set_learning(
+                s, settings=world.settings, guild_id=world.guild.id, enabled=True
+            )
             assert await build_pairs(s, settings=world.settings) == []
             report = await export(s, settings=world.settings, out=world.settings.data_dir / "out.jsonl")
         assert report.rows == 0
@@ -180,8 +189,8 @@ async def test_deleting_questions_and_answers(start_bot) -> None:
         await fake.react(answer, world.alice, "🗑️")
         await fake.wait_for("message_delete", lambda a: a.data["id"] == answer.id, timeout=10)
         async with world.sessions() as s:
-            assert await service.find_response(s, message_id=answer.id) is None
-            prompt = await service.find_prompt(s, settings=world.settings, message_id=question.id)
+            assert await responses_service.find_response(s, message_id=answer.id) is None
+            prompt = await prompts_service.find_prompt(s, settings=world.settings, message_id=question.id)
         assert prompt is not None and prompt.response_ids == ()
 
         # a bulk delete (a moderator's purge) removes what was stored of each message
@@ -193,5 +202,7 @@ async def test_deleting_questions_and_answers(start_bot) -> None:
                 break
             await asyncio.sleep(0.05)
         async with world.sessions() as s:
-            assert await service.find_prompt(s, settings=world.settings, message_id=question.id) is None
-            assert await service.find_response(s, message_id=answer.id) is None
+            assert (
+                await prompts_service.find_prompt(s, settings=world.settings, message_id=question.id) is None
+            )
+            assert await responses_service.find_response(s, message_id=answer.id) is None

@@ -12,7 +12,10 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import func, select, text
 
-from feedback.store import service
+from feedback.store import consent as consent_service
+from feedback.store import prompts as prompts_service
+from feedback.store import reactions as reactions_service
+from feedback.store import responses as responses_service
 from feedback.store.models import Base, Image, PromptImage
 from smolcord.images import NormalizedImage, normalize_image
 from smolcord.settings import Settings
@@ -65,9 +68,11 @@ class StoreHarness:
             return await function(session, **kwargs)
 
     async def learning(self, guild_id: int = GUILD, enabled: bool = True) -> None:
-        await self.call(service.set_learning, settings=self.settings, guild_id=guild_id, enabled=enabled)
+        await self.call(
+            consent_service.set_learning, settings=self.settings, guild_id=guild_id, enabled=enabled
+        )
 
-    async def prompt(self, question: str = "what is this?", **kwargs: Any) -> service.RecordedPrompt:
+    async def prompt(self, question: str = "what is this?", **kwargs: Any) -> prompts_service.RecordedPrompt:
         values: dict[str, Any] = {
             "guild_id": GUILD,
             "channel_id": CHANNEL,
@@ -76,20 +81,30 @@ class StoreHarness:
             "images": [make_image(1)],
         }
         values.update(kwargs)
-        return await self.call(service.record_prompt, settings=self.settings, question=question, **values)
+        return await self.call(
+            prompts_service.record_prompt, settings=self.settings, question=question, **values
+        )
 
     async def answer(
         self, prompt_id: int, text: str, *, chunks: int = 1, **kwargs: Any
     ) -> tuple[int, list[int]]:
         message_ids = [self.new_id() for _ in range(chunks)]
         response_id = await self.call(
-            service.record_response, prompt_id=prompt_id, text=text, message_ids=message_ids, **kwargs
+            responses_service.record_response,
+            prompt_id=prompt_id,
+            text=text,
+            message_ids=message_ids,
+            **kwargs,
         )
         return response_id, message_ids
 
     async def vote(self, message_id: int, user_id: int, emoji: str, roles: Any = None) -> bool:
         return await self.call(
-            service.set_reaction, message_id=message_id, user_id=user_id, emoji=emoji, member_role_ids=roles
+            reactions_service.set_reaction,
+            message_id=message_id,
+            user_id=user_id,
+            emoji=emoji,
+            member_role_ids=roles,
         )
 
     async def count(self, model: Any) -> int:

@@ -88,7 +88,7 @@ def test_adapters_rollback_does_what_the_slash_command_does(monkeypatch, tmp_pat
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from feedback.store import service
+    from feedback.store import adapters as adapters_service
     from feedback.store.db import create_engine, sessionmaker
     from smolcord.registry import AdapterRegistry
     from smolcord.settings import Settings
@@ -131,7 +131,7 @@ def test_adapters_rollback_does_what_the_slash_command_does(monkeypatch, tmp_pat
             engine = create_engine(settings.db_url)
             try:
                 async with sessionmaker(engine)() as session:
-                    return {a.version: a.status for a in await service.list_adapters(session)}
+                    return {a.version: a.status for a in await adapters_service.list_adapters(session)}
             finally:
                 await engine.dispose()
 

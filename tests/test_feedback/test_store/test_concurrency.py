@@ -7,7 +7,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 from test_feedback.harness import sqlite_only
 
-from feedback.store import service
+from feedback.store import prompts as prompts_service
+from feedback.store import reactions as reactions_service
 from feedback.store.db import BUSY_TIMEOUT_MS, create_engine, sessionmaker
 from feedback.store.models import Image, Reaction
 
@@ -45,7 +46,7 @@ async def test_concurrent_upserts_from_two_engines_with_a_reader_open(store, set
     async def upsert(n: int) -> None:
         try:
             async with makers[n % 2]() as session:
-                await service.set_reaction(
+                await reactions_service.set_reaction(
                     session, message_id=messages[n % 6], user_id=n // 2, emoji="👍" if n % 3 else "👎"
                 )
         except Exception as exc:  # collect: the assertion says which and how many
@@ -108,7 +109,7 @@ async def test_upserts_of_the_same_reaction_race_free(store, settings):
 
     async def add(n: int) -> bool:
         async with maker() as session:
-            return await service.set_reaction(
+            return await reactions_service.set_reaction(
                 session, message_id=message, user_id=7, emoji="👍", member_role_ids=[n]
             )
 
@@ -130,7 +131,7 @@ async def test_concurrent_prompts_with_the_same_new_image(store, settings):
 
     async def record(n: int):
         async with maker() as session:
-            return await service.record_prompt(
+            return await prompts_service.record_prompt(
                 session,
                 settings=settings,
                 guild_id=1,

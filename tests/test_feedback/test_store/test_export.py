@@ -4,7 +4,7 @@ import json
 
 from test_feedback.harness import make_image
 
-from feedback.store import service
+from feedback.store import prompts as prompts_service
 from feedback.store.export import METADATA_COLUMNS, export, pair_row, rated_row, to_dataset
 from feedback.store.pairs import build_pairs, build_rated_answers
 from smolcord.cli import main
@@ -15,7 +15,9 @@ async def two_turn_pair(store):
     await store.learning()
     first = await store.prompt("what is this?", images=[make_image(1)])
     response_id, [message] = await store.answer(first.id, "a cat")
-    conversation = await store.call(service.get_conversation, settings=store.settings, message_id=message)
+    conversation = await store.call(
+        prompts_service.get_conversation, settings=store.settings, message_id=message
+    )
     follow = await store.prompt(
         "and this one?", images=[make_image(2)], history=conversation.turns, parent_response_id=response_id
     )

@@ -5,7 +5,8 @@ from collections import Counter
 
 from test_feedback.harness import GUILD, ROLE, make_image
 
-from feedback.store import service
+from feedback.store import consent as consent_service
+from feedback.store import responses as responses_service
 from feedback.store.pairs import build_pairs, build_rated_answers, cap_voter_share, is_heldout
 
 
@@ -131,14 +132,14 @@ async def test_never_from_dms(store):
 async def test_opted_out_authors_and_voters_do_not_count(store):
     await store.learning()
     _, good, bad = await contested(store, author_id=50, good_voters=(1,), bad_voters=(2,))
-    await store.call(service.opt_out, user_id=50)
+    await store.call(consent_service.opt_out, user_id=50)
     assert await pairs_of(store) == []
-    await store.call(service.opt_in, user_id=50)
+    await store.call(consent_service.opt_in, user_id=50)
     assert await pairs_of(store) == [(good, bad)]
-    await store.call(service.opt_out, user_id=2)  # the only 👎 voter
+    await store.call(consent_service.opt_out, user_id=2)  # the only 👎 voter
     assert await pairs_of(store) == []
     assert not await store.vote(
-        (await store.call(service.get_response, response_id=bad)).message_ids[0], 2, "👎"
+        (await store.call(responses_service.get_response, response_id=bad)).message_ids[0], 2, "👎"
     )
 
 
@@ -150,14 +151,14 @@ async def test_voter_role_counts_only_its_holders_at_vote_time(store, settings):
     await store.vote(good_message, 1, "👍", roles=[ROLE])  # before the role was named: unknown eligibility
     await store.vote(bad_message, 2, "👎", roles=[ROLE])
     assert await pairs_of(store) == [(good, bad)]
-    await store.call(service.set_voter_role, settings=settings, guild_id=GUILD, role_id=ROLE)
+    await store.call(consent_service.set_voter_role, settings=settings, guild_id=GUILD, role_id=ROLE)
     assert await pairs_of(store) == []
     await store.vote(good_message, 3, "👍", roles=[ROLE])
     await store.vote(bad_message, 4, "👎", roles=[99])  # not a holder
     assert await pairs_of(store) == []
     await store.vote(bad_message, 5, "👎", roles=[ROLE, 99])
     assert await pairs_of(store) == [(good, bad)]
-    await store.call(service.set_voter_role, settings=settings, guild_id=GUILD, role_id=None)
+    await store.call(consent_service.set_voter_role, settings=settings, guild_id=GUILD, role_id=None)
     assert await pairs_of(store) == [(good, bad)]
 
 

@@ -7,7 +7,9 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import update
 from test_feedback.harness import make_image
 
-from feedback.store import service
+from feedback.store import consent as consent_service
+from feedback.store import deletion as deletion_service
+from feedback.store import runs as runs_service
 from feedback.store.models import Image, OptedOutUser, Prompt, Reaction, Response, TrainingRunPair
 from feedback.store.pairs import build_pairs
 
@@ -32,11 +34,13 @@ async def test_forget_me_removes_prompts_answers_votes_and_unshared_images(store
     async with store.sessions() as session:
         pairs = await build_pairs(session, settings=settings)
     async with store.sessions() as session:
-        run_id = await service.start_training_run(session, method="dpo", examples=pairs, heldout_fraction=0.2)
+        run_id = await runs_service.start_training_run(
+            session, method="dpo", examples=pairs, heldout_fraction=0.2
+        )
     assert await store.count(TrainingRunPair) == 1
 
     async with store.sessions() as session:
-        deletion = await service.forget_user(session, settings=settings, user_id=forgotten)
+        deletion = await deletion_service.forget_user(session, settings=settings, user_id=forgotten)
     assert deletion.prompt_ids == (mine.id,) and deletion.response_ids == (mine_response,)
     assert deletion.images == (make_image(1).sha256,)
     assert deletion.reactions == 2
@@ -46,24 +50,24 @@ async def test_forget_me_removes_prompts_answers_votes_and_unshared_images(store
     assert await store.sql("SELECT requested_by FROM responses WHERE id = :id", id=their_bad) == [(None,)]
     assert await store.orphans() == []
     assert (
-        await store.call(service.get_training_run, run_id=run_id)
+        await store.call(runs_service.get_training_run, run_id=run_id)
     ).pairs == 1  # theirs: no vote of the user
 
     # recorded as forgotten: late events are ignored, and their prompts never train
-    assert await store.call(service.get_user_status, user_id=forgotten) == "forgotten"
+    assert await store.call(consent_service.get_user_status, user_id=forgotten) == "forgotten"
     assert not await store.vote(their_message, forgotten, "👎")
     assert await store.count(Reaction) == 2
     assert not (await store.prompt("back again", author_id=forgotten)).trainable
-    assert await store.call(service.opt_out, user_id=forgotten) is False  # stays "forgotten"
-    assert await store.call(service.get_user_status, user_id=forgotten) == "forgotten"
+    assert await store.call(consent_service.opt_out, user_id=forgotten) is False  # stays "forgotten"
+    assert await store.call(consent_service.get_user_status, user_id=forgotten) == "forgotten"
 
 
 async def test_forget_me_without_data_still_records_the_user(store, settings):
-    deletion = await store.call(service.forget_user, settings=settings, user_id=5)
+    deletion = await store.call(deletion_service.forget_user, settings=settings, user_id=5)
     assert deletion.nothing
     assert await store.count(OptedOutUser) == 1
-    assert await store.call(service.opt_in, user_id=5)
-    assert await store.call(service.get_user_status, user_id=5) is None
+    assert await store.call(consent_service.opt_in, user_id=5)
+    assert await store.call(consent_service.get_user_status, user_id=5) is None
 
 
 async def test_retention_purges_old_prompts_with_their_answers_votes_and_files(store, settings):
@@ -90,7 +94,7 @@ async def test_retention_purges_old_prompts_with_their_answers_votes_and_files(s
     os.utime(temp, (two_hours_ago, two_hours_ago))
 
     async with store.sessions() as session:
-        deletion = await service.purge_expired(session, settings=settings)
+        deletion = await deletion_service.purge_expired(session, settings=settings)
     assert deletion.prompt_ids == (old.id,)
     assert deletion.images == (make_image(1).sha256,)
     assert not stray.exists() and not temp.exists() and fresh_stray.exists()
@@ -103,4 +107,4 @@ async def test_retention_purges_old_prompts_with_their_answers_votes_and_files(s
     )
     assert await store.orphans() == []
     async with store.sessions() as session:  # nothing more to purge: idempotent
-        assert (await service.purge_expired(session, settings=settings)).nothing
+        assert (await deletion_service.purge_expired(session, settings=settings)).nothing

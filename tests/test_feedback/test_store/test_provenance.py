@@ -8,7 +8,9 @@ import pytest
 from sqlalchemy import select, update
 from test_feedback.harness import CHANNEL, GUILD, make_image, sqlite_only
 
-from feedback.store import service
+from feedback.store import consent as consent_service
+from feedback.store import deletion as deletion_service
+from feedback.store import prompts as prompts_service
 from feedback.store.eligibility import eligible_prompt_ids
 from feedback.store.errors import InvalidHistory, UnknownPrompt
 from feedback.store.export import export
@@ -27,7 +29,7 @@ async def turns_of(store, prompt_id):
 
 
 async def conversation(store, message_id):
-    return await store.call(service.get_conversation, settings=store.settings, message_id=message_id)
+    return await store.call(prompts_service.get_conversation, settings=store.settings, message_id=message_id)
 
 
 async def follow_up(store, replied_to, question, author, **kwargs):
@@ -90,7 +92,7 @@ async def test_a_quoted_turn_must_be_what_its_source_said(store):
         await store.prompt("q", author_id=B, history=forged)
     with pytest.raises(InvalidHistory):  # a user turn cannot name an answer as its source
         await store.prompt("q", author_id=B, history=[{**talk_turns[0], "source_response_id": 1}])
-    await store.call(service.delete_message, settings=store.settings, message_id=question_message)
+    await store.call(deletion_service.delete_message, settings=store.settings, message_id=question_message)
     with pytest.raises(UnknownPrompt):  # deleted meanwhile: its words are not stored again
         await store.prompt("q", author_id=B, history=talk_turns[:1])
 
@@ -108,14 +110,14 @@ async def test_a_quoted_author_who_opts_out_takes_the_follow_up_out_of_training(
         [pair] = await build_pairs(session, settings=settings)
     assert pair.prompt_id == follow.id and pair.history[0]["content"] == "A's question"
 
-    await store.call(service.opt_out, user_id=A)
+    await store.call(consent_service.opt_out, user_id=A)
     async with store.sessions() as session:
         assert await build_pairs(session, settings=settings) == []  # dropped whole, not truncated
         assert await build_rated_answers(session, settings=settings) == []
         assert (await left_out(session, settings=settings)).consent == 1
     async with store.sessions() as session:
         assert follow.id not in set(await session.scalars(eligible_prompt_ids(settings)))
-    await store.call(service.opt_in, user_id=A)
+    await store.call(consent_service.opt_in, user_id=A)
     async with store.sessions() as session:
         assert len(await build_pairs(session, settings=settings)) == 1
 
@@ -175,7 +177,9 @@ async def test_deleting_a_question_deletes_every_reply_quoting_it_and_its_image_
     image_file = settings.images_dir / make_image(1).sha256[:2]
     assert any(image_file.iterdir())
 
-    deletion = await store.call(service.delete_message, settings=settings, message_id=question_message)
+    deletion = await store.call(
+        deletion_service.delete_message, settings=settings, message_id=question_message
+    )
     assert set(deletion.prompt_ids) == {asked.id, to_question.id, to_answer.id}
     assert await stored_text_anywhere(store, "A's secret") == []
     assert set(deletion.images) == {make_image(1).sha256, make_image(2).sha256}
@@ -199,7 +203,7 @@ async def test_forget_me_deletes_the_users_words_quoted_by_others_even_without_t
         )
     mine = await store.prompt("B's own", author_id=B, images=[make_image(3)])
 
-    deletion = await store.call(service.forget_user, settings=settings, user_id=A)
+    deletion = await store.call(deletion_service.forget_user, settings=settings, user_id=A)
     assert set(deletion.prompt_ids) == {asked.id, quoting.id, on_question.id, orphaned_source.id, copy.id}
     assert await stored_text_anywhere(store, "A's secret") == []
     assert await stored_text_anywhere(store, "A again") == []
@@ -209,7 +213,7 @@ async def test_forget_me_deletes_the_users_words_quoted_by_others_even_without_t
 
 
 async def test_retention_takes_newer_replies_quoting_an_expired_question(store, settings):
-    await store.call(service.opt_out, user_id=A)  # opted out: kept for the retention period only
+    await store.call(consent_service.opt_out, user_id=A)  # opted out: kept for the retention period only
     question_message = store.new_id()
     asked = await store.prompt(
         "A's old question", author_id=A, images=[make_image(1)], message_id=question_message
@@ -219,7 +223,7 @@ async def test_retention_takes_newer_replies_quoting_an_expired_question(store, 
     long_ago = datetime.now(UTC) - timedelta(days=settings.retention_days + 1)
     async with store.sessions() as session, session.begin():
         await session.execute(update(Prompt).where(Prompt.id == asked.id).values(created_at=long_ago))
-    deletion = await store.call(service.purge_expired, settings=settings)
+    deletion = await store.call(deletion_service.purge_expired, settings=settings)
     assert set(deletion.prompt_ids) == {asked.id, follow.id}
     assert await store.sql("SELECT id FROM prompts") == [(fresh.id,)]
     assert await store.count(Image) == 1 and await store.orphans() == []
@@ -229,15 +233,15 @@ async def test_an_ask_question_goes_with_its_last_answer(store, settings):
     slash = await store.prompt("/ask question", author_id=A, message_id=None)
     first, _ = await store.answer(slash.id, "first")
     second, _ = await store.answer(slash.id, "second", regenerated=True)
-    await store.call(service.delete_response, settings=settings, response_id=first)
+    await store.call(deletion_service.delete_response, settings=settings, response_id=first)
     assert await store.count(Prompt) == 1  # another answer to it remains
-    deletion = await store.call(service.delete_response, settings=settings, response_id=second)
+    deletion = await store.call(deletion_service.delete_response, settings=settings, response_id=second)
     assert deletion.prompt_ids == (slash.id,)
     assert await store.count(Prompt) == 0 and await store.count(Image) == 0
     # a question with a message of its own stays: that message can still be replied to or deleted
     asked = await store.prompt("asked in a message", author_id=A)
     only, _ = await store.answer(asked.id, "only")
-    await store.call(service.delete_response, settings=settings, response_id=only)
+    await store.call(deletion_service.delete_response, settings=settings, response_id=only)
     assert await store.count(Prompt) == 1
     assert await store.orphans() == []
 
@@ -248,9 +252,9 @@ async def test_deleting_a_channel_takes_its_threads_and_a_thread_only_itself(sto
     in_thread = await store.prompt("in a thread", channel_id=thread, parent_channel_id=CHANNEL)
     in_other = await store.prompt("in another thread", channel_id=other_thread, parent_channel_id=CHANNEL)
     kept = await store.prompt("elsewhere", channel_id=elsewhere)
-    deletion = await store.call(service.delete_channel, settings=settings, channel_id=thread)
+    deletion = await store.call(deletion_service.delete_channel, settings=settings, channel_id=thread)
     assert deletion.prompt_ids == (in_thread.id,)
-    deletion = await store.call(service.delete_channel, settings=settings, channel_id=CHANNEL)
+    deletion = await store.call(deletion_service.delete_channel, settings=settings, channel_id=CHANNEL)
     assert set(deletion.prompt_ids) == {in_channel.id, in_other.id}
     assert await store.sql("SELECT id FROM prompts") == [(kept.id,)]
     assert await store.orphans() == []
@@ -263,20 +267,33 @@ async def test_a_removed_guilds_data_goes_after_the_grace_period_unless_the_bot_
     await store.answer(here.id, "answer")
     there = await store.prompt("there", guild_id=other_guild)
     now = datetime.now(UTC)
-    due = await store.call(service.schedule_guild_deletion, settings=settings, guild_id=GUILD, now=now)
+    due = await store.call(
+        deletion_service.schedule_guild_deletion, settings=settings, guild_id=GUILD, now=now
+    )
     assert due == now + timedelta(days=settings.guild_grace_days)
     # a second removal event does not push the deadline back
     later = now + timedelta(days=1)
     assert (
-        await store.call(service.schedule_guild_deletion, settings=settings, guild_id=GUILD, now=later) == due
+        await store.call(
+            deletion_service.schedule_guild_deletion, settings=settings, guild_id=GUILD, now=later
+        )
+        == due
     )
 
-    assert (await store.call(service.purge_expired, settings=settings, now=due - timedelta(hours=1))).nothing
-    assert await store.call(service.cancel_guild_deletion, guild_id=GUILD)  # the bot was invited back
-    assert (await store.call(service.purge_expired, settings=settings, now=due + timedelta(hours=1))).nothing
+    assert (
+        await store.call(deletion_service.purge_expired, settings=settings, now=due - timedelta(hours=1))
+    ).nothing
+    assert await store.call(
+        deletion_service.cancel_guild_deletion, guild_id=GUILD
+    )  # the bot was invited back
+    assert (
+        await store.call(deletion_service.purge_expired, settings=settings, now=due + timedelta(hours=1))
+    ).nothing
 
-    await store.call(service.schedule_guild_deletion, settings=settings, guild_id=GUILD, now=now)
-    deletion = await store.call(service.purge_expired, settings=settings, now=due + timedelta(hours=1))
+    await store.call(deletion_service.schedule_guild_deletion, settings=settings, guild_id=GUILD, now=now)
+    deletion = await store.call(
+        deletion_service.purge_expired, settings=settings, now=due + timedelta(hours=1)
+    )
     assert deletion.prompt_ids == (here.id,)
     assert await store.sql("SELECT id FROM prompts") == [(there.id,)]
     assert await store.count(GuildSettings) == 0 and await store.count(GuildRemoval) == 0
@@ -287,9 +304,9 @@ async def test_at_start_guilds_present_cancel_and_guilds_missing_schedule(store,
     gone, back = GUILD + 1, GUILD + 2
     await store.prompt("in a guild the bot left while offline", guild_id=gone)
     await store.prompt("in a guild the bot is in", guild_id=back)
-    await store.call(service.schedule_guild_deletion, settings=settings, guild_id=back)
+    await store.call(deletion_service.schedule_guild_deletion, settings=settings, guild_id=back)
     cancelled, scheduled = await store.call(
-        service.note_guilds_present, settings=settings, guild_ids=[back, GUILD]
+        deletion_service.note_guilds_present, settings=settings, guild_ids=[back, GUILD]
     )
     assert (cancelled, scheduled) == (1, 1)
     async with store.sessions() as session:
@@ -304,7 +321,7 @@ async def test_a_reply_recorded_while_its_source_is_being_deleted_never_keeps_th
     await store.prompt("A's racing secret", author_id=A, message_id=question_message, images=[])
     talk = await conversation(store, question_message)
     recording: list[asyncio.Task] = []
-    closure_step = service._unanswered_slash_prompts
+    closure_step = deletion_service._unanswered_slash_prompts
 
     async def record_meanwhile(session, frontier, deleted):
         if not recording:  # what quotes the question was read: B's reply is recorded now, concurrently
@@ -313,8 +330,8 @@ async def test_a_reply_recorded_while_its_source_is_being_deleted_never_keeps_th
             await asyncio.sleep(0.5)  # long enough for it to commit, were it not held back
         return await closure_step(session, frontier, deleted)
 
-    monkeypatch.setattr(service, "_unanswered_slash_prompts", record_meanwhile)
-    await store.call(service.delete_message, settings=settings, message_id=question_message)
+    monkeypatch.setattr(deletion_service, "_unanswered_slash_prompts", record_meanwhile)
+    await store.call(deletion_service.delete_message, settings=settings, message_id=question_message)
     with contextlib.suppress(UnknownPrompt):  # it waited for the deletion, then found its source gone
         await recording[0]
     assert await stored_text_anywhere(store, "A's racing secret") == []

@@ -4,7 +4,8 @@ import random
 
 from test_feedback.harness import GUILD, ROLE, make_image
 
-from feedback.store import service
+from feedback.store import consent as consent_service
+from feedback.store import runs as runs_service
 from feedback.store.pairs import build_pairs, is_heldout
 from feedback.store.stats import count_pairs
 
@@ -16,8 +17,10 @@ async def _random_store(store, rng: random.Random) -> None:
     """Prompts in three guilds and DMs, some asked twice (same key), answers with repeated texts, votes."""
     await store.learning()
     await store.learning(ROLE_GUILD)
-    await store.call(service.set_voter_role, settings=store.settings, guild_id=ROLE_GUILD, role_id=ROLE)
-    await store.call(service.opt_out, user_id=13)
+    await store.call(
+        consent_service.set_voter_role, settings=store.settings, guild_id=ROLE_GUILD, role_id=ROLE
+    )
+    await store.call(consent_service.opt_out, user_id=13)
     texts = ["a cat", "a dog", "a cow", "a hen"]
     for n in range(40):
         guild = rng.choice([GUILD, GUILD, OTHER_GUILD, ROLE_GUILD, None])
@@ -35,7 +38,7 @@ async def _random_store(store, rng: random.Random) -> None:
 async def _counts(store, settings):
     async with store.sessions() as session:
         pairs = await build_pairs(session, settings=settings)
-        fresh = await service.new_pairs(session, pairs=pairs)
+        fresh = await runs_service.new_pairs(session, pairs=pairs)
     async with store.sessions() as session:
         counted = await count_pairs(session, settings=settings)
     built = (len(pairs), len(fresh), sum(is_heldout(p.prompt_key, settings.heldout_fraction) for p in pairs))
@@ -53,9 +56,9 @@ async def test_counts_match_the_built_pairs(store, settings):
         # a successful run that used some of the pairs: those are no longer new
         used = pairs[: len(pairs) // 2]
         run_id = await store.call(
-            service.start_training_run, method="dpo", examples=used, heldout_fraction=0.5
+            runs_service.start_training_run, method="dpo", examples=used, heldout_fraction=0.5
         )
-        await store.call(service.finish_training_run, run_id=run_id, status="succeeded")
+        await store.call(runs_service.finish_training_run, run_id=run_id, status="succeeded")
         _, built, counted = await _counts(store, settings)
         assert built[1] == built[0] - len(used)
         assert counted == built

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from feedback.store.db import upgrade_to_head
-from feedback.store.service import UnknownRun
+from feedback.store.errors import UnknownRun
 from feedback.store.synthetic import record_colour_votes
 from feedback.training.store import JobStore
 from smolcord.registry import AdapterRegistry
