@@ -15,9 +15,13 @@ def test_without_settings_the_defaults_hold() -> None:
     assert run.method == "dpo" and train == TrainArguments() and gate == GateArguments()
 
 
-def test_settings_set_the_method_and_any_hyperparameter_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_set_the_method_and_any_hyperparameter_and_flags_win(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("SMOLCORD_TRAIN_METHOD", "kto")
-    monkeypatch.setenv("SMOLCORD_TRAIN_ARGS", "--learning_rate 0.001 --num_train_epochs 3 --eval_batch_size 2")
+    monkeypatch.setenv(
+        "SMOLCORD_TRAIN_ARGS", "--learning_rate 0.001 --num_train_epochs 3 --eval_batch_size 2"
+    )
     from_env = settings()
     run, train, gate = parse_arguments(from_env)
     assert run.method == "kto" and train.learning_rate == 0.001 and train.num_train_epochs == 3.0
@@ -30,3 +34,13 @@ def test_a_bad_flag_in_the_settings_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exit_:
         parse_arguments(settings(train_args="--no_such_flag 1"))
     assert exit_.value.code == 2
+
+
+def test_sft_then_dpo_and_the_lora_targets_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMOLCORD_TRAIN_METHOD", "sft+dpo")
+    monkeypatch.setenv("SMOLCORD_TRAIN_ARGS", "--lora_targets text+connector")
+    run, train, _ = parse_arguments(settings())
+    assert run.method == "sft+dpo" and train.lora_targets == "text+connector"
+    assert TrainArguments().lora_targets == "text"
+    with pytest.raises(SystemExit):
+        parse_arguments(settings(train_args="--lora_targets vision"))
