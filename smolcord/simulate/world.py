@@ -79,8 +79,10 @@ _SHAPE_WORDS = {
     "crosses": "cross",
 }
 _WORD = re.compile(r"[a-z]+")
-# The world's image ids: evaluation images are 0 .. count-1, round r's are (r + 1) * _ROUND_IDS + i.
+# The world's image ids: evaluation images are 0 .. count-1, round r's are (r + 1) * _ROUND_IDS + i,
+# the warm start's _WARM_START_IDS + i (beyond any round).
 _ROUND_IDS = 1_000_000
+_WARM_START_IDS = 2**40
 _FIRST_USER_ID = 700_000_000_000_000_000  # snowflake-sized ids, far from any real one in tests
 
 
@@ -166,6 +168,18 @@ class World:
                 Truth(rng.choice(list(COLOURS)), rng.choice(SHAPES)),
                 rng.choice(QUESTIONS),
                 (round + 1) * _ROUND_IDS + i,
+            )
+            for i in range(count)
+        ]
+
+    def warm_start_scenes(self, count: int) -> list[Scene]:
+        """`count` images for the warm start (feedback.training.warmstart): none is ever asked or evaluated."""
+        rng = random.Random(f"{self.seed}/warm-start")
+        return [
+            self.scene(
+                Truth(rng.choice(list(COLOURS)), rng.choice(SHAPES)),
+                rng.choice(QUESTIONS),
+                _WARM_START_IDS + i,
             )
             for i in range(count)
         ]

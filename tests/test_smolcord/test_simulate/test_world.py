@@ -84,6 +84,9 @@ def test_the_evaluation_set_is_fixed_balanced_and_disjoint_from_every_round() ->
         assert not hashes & {hashlib.sha256(s.png).digest() for s in scenes}
         assert not {s.image_id for s in evaluation} & {s.image_id for s in scenes}
     assert world.scenes(24, round=0) != world.scenes(24, round=1)
+    warm = world.warm_start_scenes(24)
+    assert warm == world.warm_start_scenes(24)
+    assert not hashes & {hashlib.sha256(s.png).digest() for s in warm}
 
 
 # ------------------------------------------------------------------------------ rules
