@@ -173,7 +173,8 @@ def _train_and_merge(base: Path, staging: Path, parameters: dict[str, Any]) -> f
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    merged = trainer.model.merge_and_unload()
+    peft_model: Any = trainer.model
+    merged = peft_model.merge_and_unload()
     merged.config.use_cache = True
     for leftover in ("trainer", "images"):
         shutil.rmtree(staging / leftover, ignore_errors=True)
