@@ -379,7 +379,7 @@ def test_sft_then_dpo_uses_the_supervised_model_as_dpos_reference(
     assert any(not torch.equal(model.get_parameter(n), p) for n, p in supervised.items())
 
 
-def test_lora_targets_add_the_connector_and_the_vision_tower(tiny_model_dir: Path) -> None:
+def test_lora_targets_add_the_connector_and_the_vision_tower(tiny_model_dir: Path, tmp_path: Path) -> None:
     from peft import get_peft_model
     from transformers import AutoModelForImageTextToText
 
@@ -401,6 +401,23 @@ def test_lora_targets_add_the_connector_and_the_vision_tower(tiny_model_dir: Pat
     assert len(text) == 14 and all(n.startswith(plan.text_model + ".layers.") for n in text)
     assert adapted("text+connector") == text | set(plan.connector_linears)
     assert adapted("all") == text | set(plan.connector_linears) | set(plan.vision_linears)
+
+    # The worker merges such an adapter (any Linear), connector and vision tower included.
+    from model.adapters import MergedAdapters
+
+    peft = get_peft_model(
+        AutoModelForImageTextToText.from_pretrained(tiny_model_dir),
+        lora_config(plan, r=2, alpha=4, targets="all"),
+    )
+    with torch.no_grad():
+        for name, parameter in peft.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    peft.save_pretrained(tmp_path / "all")
+    served = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    connector = served.get_submodule(plan.connector_linears[0]).weight.detach().clone()
+    MergedAdapters(served, base_model_id=str(tiny_model_dir)).load(tmp_path / "all", version="v1")
+    assert not torch.equal(served.get_submodule(plan.connector_linears[0]).weight, connector)
     with pytest.raises(ValueError, match="lora_targets"):
         lora_config(plan, r=2, alpha=4, targets="vision")
 
