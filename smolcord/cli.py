@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["pairs", "unpaired"], default="pairs")
 
     p = add("train", _train, "one training run: pairs → candidate → gate → promote")
-    p.add_argument("--method", choices=["dpo", "kto"], help="default: SMOLCORD_TRAIN_METHOD (dpo)")
+    p.add_argument("--method", choices=["dpo", "kto", "sft+dpo"], help="default: SMOLCORD_TRAIN_METHOD (dpo)")
     p.add_argument("--dry-run", action="store_true", help="print what it would train on; train nothing")
     p.add_argument("--force", action="store_true", help="promote even if the gate says no")
     p.add_argument(

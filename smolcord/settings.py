@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     keep_versions: int = Field(default=5, ge=1)
     # The training job: the nightly run's method, and flags of `python -m feedback.training --help`
     # (e.g. "--learning_rate 1e-4 --num_train_epochs 4") that every run takes before its own.
-    train_method: Literal["dpo", "kto"] = "dpo"
+    train_method: Literal["dpo", "kto", "sft+dpo"] = "dpo"
     train_args: str = ""
 
     @field_validator("max_image_bytes", "max_image_pixels", "body_budget", mode="before")

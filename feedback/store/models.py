@@ -289,7 +289,7 @@ class TrainingRun(Base):
     __tablename__ = "training_runs"
 
     id: Mapped[int] = mapped_column(RowId, primary_key=True)
-    method: Mapped[str] = mapped_column(String(8))  # "dpo" | "kto"
+    method: Mapped[str] = mapped_column(String(8))  # "dpo" | "kto" | "sft+dpo"
     status: Mapped[str] = mapped_column(String(16))  # "running" | "succeeded" | "failed" | "skipped"
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -99,11 +99,12 @@ async def start_training_run(
     examples: Sequence[PreferencePair | RatedAnswer] = (),
     heldout_fraction: float,
 ) -> int:
-    """Record a run as started with the pairs (DPO) or rated answers (KTO) it uses and their held-out split."""
+    """Record a run as started with the pairs (DPO), rated answers (KTO) or both (sft+dpo: the liked answers
+    of its supervised pass) it uses, and their held-out split."""
     from feedback.store.pairs import PreferencePair, is_heldout
 
-    if method not in ("dpo", "kto"):
-        raise ValueError(f"method must be 'dpo' or 'kto', not {method!r}")
+    if method not in ("dpo", "kto", "sft+dpo"):
+        raise ValueError(f"method must be 'dpo', 'kto' or 'sft+dpo', not {method!r}")
     rows: list[dict[str, Any]] = []
     for example in examples:
         heldout = is_heldout(example.prompt_key, heldout_fraction)

@@ -19,7 +19,12 @@ class RunArguments:
 
     method: str = field(
         default="dpo",
-        metadata={"help": "dpo: preference pairs; kto: rated answers (unpaired).", "choices": ["dpo", "kto"]},
+        metadata={
+            "help": "dpo: preference pairs; kto: rated answers (unpaired); sft+dpo: a supervised pass on the "
+            "liked (👍) answers, then DPO on the pairs continuing the same LoRA, with the SFT'd model as DPO's "
+            "reference (unlike sft_weight, an NLL term inside DPO's loss whose reference stays the base).",
+            "choices": ["dpo", "kto", "sft+dpo"],
+        },
     )
     dry_run: bool = field(
         default=False,
@@ -50,7 +55,9 @@ class TrainArguments:
     )
     num_train_epochs: float = field(
         default=2.0,
-        metadata={"help": "Passes over the training pairs."},
+        metadata={
+            "help": "Passes over the training pairs (sft+dpo: and as many over the liked answers first)."
+        },
     )
     max_steps: int = field(
         default=-1,
@@ -74,7 +81,18 @@ class TrainArguments:
         default=0.0,
         metadata={
             "help": "DPO only: weight of an added NLL loss on the chosen answers (RPO: trl's 'sft' loss type). "
-            "It keeps the policy writing whole answers where pure DPO drifts into loops; 0 disables it."
+            "It keeps the policy writing whole answers where pure DPO drifts into loops; 0 disables it. "
+            "Not --method sft+dpo, which trains on the liked answers before DPO starts."
+        },
+    )
+    lora_targets: str = field(
+        default="text",
+        metadata={
+            "help": "Where the LoRA goes: text (the text model's attention and MLP Linears); text+connector "
+            "(also the connector's projection, which maps image features into the text model: it learns "
+            "what the image shows much faster on small models); all (also the vision tower's Linears). "
+            "The worker merges any Linear.",
+            "choices": ["text", "text+connector", "all"],
         },
     )
     lora_r: int = field(

@@ -48,7 +48,8 @@ class Example:
 
 @dataclass
 class TrainingData:
-    """The run's examples: trained on, held out for the gate (always pairs), dropped as too long."""
+    """The run's examples: trained on, held out for the gate (always pairs), dropped as too long;
+    for sft+dpo also the liked answers of its supervised pass."""
 
     method: str
     train: list[Example]
@@ -56,24 +57,27 @@ class TrainingData:
     dropped: list[Example] = field(default_factory=list)
     limit: int = 0  # the longest sequence the model may take
     missing_images: int = 0  # examples left out because an image file is gone (deleted since)
+    liked: list[Example] = field(default_factory=list)  # sft+dpo: 👍 answers outside the held-out keys
 
     @property
     def max_length(self) -> int:
         """The longest kept sequence: trl's max_length, so its truncation never cuts anything."""
-        return max((e.tokens for e in self.train + self.heldout), default=0)
+        return max((e.tokens for e in self.train + self.heldout + self.liked), default=0)
 
     def summary(self) -> dict[str, Any]:
         """Counts for --dry-run and the run's metrics (no texts)."""
-        lengths = [e.tokens for e in self.train + self.heldout]
-        unit = "pairs" if self.method == "dpo" else "answers"
+        lengths = [e.tokens for e in self.train + self.heldout + self.liked]
+        unit = "answers" if self.method == "kto" else "pairs"
+        liked = {"train_liked_answers": len(self.liked)} if self.method == "sft+dpo" else {}
         return {
             "method": self.method,
             f"train_{unit}": len(self.train),
+            **liked,
             "heldout_pairs": len(self.heldout),
             "dropped_too_long": len(self.dropped),
             "dropped_heldout": sum(e.heldout for e in self.dropped),
             "missing_images": self.missing_images,
-            "images": sum(e.images for e in self.train + self.heldout),
+            "images": sum(e.images for e in self.train + self.heldout + self.liked),
             "token_limit": self.limit,
             "tokens": {
                 "min": min(lengths, default=0),
@@ -86,11 +90,12 @@ class TrainingData:
 def load_training_data(
     store: JobStore, settings: Settings, *, method: str, processor: Any, limit: int
 ) -> TrainingData:
-    """The store's pairs (and, for KTO, rated answers) now: split by prompt key, measured, filtered."""
+    """The store's pairs (and, for KTO and sft+dpo, rated answers) now: split by prompt key, measured,
+    filtered."""
     from feedback.store.export import METADATA_COLUMNS, pair_row, rated_row
     from feedback.store.pairs import is_heldout
 
-    pairs, rated = store.pairs_and_rated(with_rated=method == "kto")
+    pairs, rated = store.pairs_and_rated(with_rated=method in ("kto", "sft+dpo"))
     missing = 0
 
     def examples(sources: Sequence[Any], kind: str) -> list[Example]:
@@ -113,12 +118,17 @@ def load_training_data(
 
     paired = examples(pairs, "pairs")
     heldout = [e for e in paired if e.heldout]
-    # The gate compares pairs for both methods; KTO trains on rated answers outside the held-out keys.
-    train = [e for e in (paired if method == "dpo" else examples(rated, "unpaired")) if not e.heldout]
-    measure(train + heldout, processor)
+    # The gate compares pairs for every method; KTO trains on rated answers outside the held-out keys,
+    # sft+dpo on the pairs after a supervised pass on the liked ones among them.
+    unpaired = examples(rated, "unpaired") if method in ("kto", "sft+dpo") else []
+    train = [e for e in (unpaired if method == "kto" else paired) if not e.heldout]
+    liked = [e for e in unpaired if not e.heldout and e.row["label"]] if method == "sft+dpo" else []
+    measure(train + heldout + liked, processor)
     kept_train, dropped_train = split_by_length(train, limit)
     kept_heldout, dropped_heldout = split_by_length(heldout, limit)
-    return TrainingData(method, kept_train, kept_heldout, dropped_train + dropped_heldout, limit, missing)
+    kept_liked, dropped_liked = split_by_length(liked, limit)
+    dropped = dropped_train + dropped_heldout + dropped_liked
+    return TrainingData(method, kept_train, kept_heldout, dropped, limit, missing, kept_liked)
 
 
 def with_images(row: dict[str, Any]) -> dict[str, Any]:

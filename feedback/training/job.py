@@ -1,12 +1,22 @@
 """
 One training run: the votes' preference pairs -> a LoRA candidate -> the gate -> promotion -> the worker.
 
-    smolcord train [--method dpo|kto] [--dry-run] [--force] [--progress json|bar|none]
+    smolcord train [--method dpo|kto|sft+dpo] [--dry-run] [--force] [--progress json|bar|none]
     python -m feedback.training --method dpo --learning_rate 5e-5 --num_train_epochs 2 ...   (every field below)
 
-Trains a LoRA adapter on the text model only (never the vision tower or the connector) with trl's
-DPOTrainer (KTOTrainer with --method kto, on the rated answers), from the base model every run,
-on the training split of the store's pairs; the reference is the base (the adapter disabled).
+Trains a LoRA adapter on the text model (also the connector or the vision tower with --lora_targets)
+with trl's DPOTrainer (KTOTrainer with --method kto, on the rated answers), from the base model every
+run, on the training split of the store's pairs; the reference is the base (the adapter disabled).
+
+--method sft+dpo first trains the LoRA with trl's SFTTrainer on the liked (👍) answers outside the
+held-out keys, then DPO continues that same LoRA on the pairs; trl copies the SFT'd adapter into a
+frozen "ref" adapter, so DPO's reference is the SFT'd model, not the base. The result is still one
+plain LoRA relative to the base, served and gated like any other. It differs from --sft_weight
+(RPO), which adds an NLL term on the chosen answers inside DPO's loss, in one pass whose reference
+stays the base: there the supervised signal and the preference pull at the same time, here the
+policy first learns to write the liked answers and DPO then only moves it away from its own start.
+With --progress json, the supervised pass's steps are reported first (step 1..n of its own total),
+then DPO's.
 On CUDA, bases of 1B parameters and more load in 4-bit with gradient checkpointing; on the CPU
 everything runs in float32. The candidate is scored by feedback.training.gate in the form the worker
 serves, written through smolcord.registry (peft format, metrics.json, report.png), promoted if
@@ -169,13 +179,21 @@ def _job(
         ################
         # Training
         ################
-        from feedback.training.trainer import build_trainer, completion_only_logprobs, load_for_training
+        from feedback.training.trainer import (
+            build_trainer,
+            completion_only_logprobs,
+            load_for_training,
+            supervised_pass,
+        )
 
         model = load_for_training(plan)  # trl wraps it in DDP when there are several processes
         with _scratch_dir(settings.runs_dir) as scratch:
             callbacks = [progress_callback(out)] if group.main else []
-            trainer = build_trainer(args.method, model, processor, data, plan, hp, scratch, callbacks)
             started = time.perf_counter()
+            supervised: dict[str, Any] = {}
+            if args.method == "sft+dpo":
+                model, supervised = supervised_pass(model, processor, data, plan, hp, scratch, callbacks)
+            trainer = build_trainer(args.method, model, processor, data, plan, hp, scratch, callbacks)
             with completion_only_logprobs(plan.device):
                 result = trainer.train()
         seconds = round(time.perf_counter() - started, 2)
@@ -189,7 +207,7 @@ def _job(
             "examples": len(data.train), "steps": len(history), "seconds": seconds,
             "examples_per_s": round(result.metrics.get("train_samples_per_second", 0.0), 3),
             "final_loss": history[-1].get("loss") if history else None, "peak_gpu_gib": peak_gpu_gib(plan),
-            "processes": group.world_size,
+            "processes": group.world_size, **({"sft": supervised} if supervised else {}),
         }  # fmt: skip
         held = {"model": trainer.model}  # unwrapped: the only reference left once the trainer is gone
         del trainer
@@ -201,8 +219,10 @@ def _job(
         from smolcord.registry import AdapterRegistry
 
         registry = AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir)
+        # Only the trained adapter: sft+dpo's model also holds trl's frozen "ref" copy.
+        save = lambda path: held["model"].save_pretrained(path, selected_adapters=["default"])  # noqa: E731
         outcome = publish_candidate(
-            settings, registry, store, save=lambda path: held["model"].save_pretrained(path),
+            settings, registry, store, save=save,
             processor=processor, data=data, method=args.method, hp=hp, gate=gate, force=args.force,
             history=history, trained=trained, run_id=run_id, release=lambda: _release(held, plan),
         )  # fmt: skip
@@ -239,14 +259,16 @@ def _load_and_decide(
             EXIT_PROMOTED, "dry-run", describe_data(summary), data=summary, model=plan.describe(), **processes
         )
         return 0, {"exit": code}
-    if len(data.train) < max(hp.min_train_pairs, 2 if args.method == "kto" else 1):
+    # sft+dpo needs a liked answer for its supervised pass too.
+    too_few_liked = args.method == "sft+dpo" and not data.liked
+    if too_few_liked or len(data.train) < max(hp.min_train_pairs, 2 if args.method == "kto" else 1):
         run_id = store.start_run(method=args.method, heldout_fraction=settings.heldout_fraction)
         message = f"too few examples to train on: {describe_data(summary)}; need {hp.min_train_pairs}"
         store.finish_run(run_id=run_id, status="skipped", metrics=summary)
         return run_id, {"exit": out.finish(EXIT_TOO_FEW, "skipped", message, data=summary)}
     run_id = store.start_run(
         method=args.method, heldout_fraction=settings.heldout_fraction,
-        examples=[e.source for e in data.train + data.heldout],
+        examples=[e.source for e in data.train + data.liked + data.heldout],
     )  # fmt: skip
     for stale in settings.runs_dir.glob(".tmp-train-*"):  # killed runs' leftovers (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)

@@ -56,11 +56,14 @@ class RunOutput:
 
 def describe_data(summary: dict[str, Any]) -> str:
     """One line for people: what a run trains on."""
-    unit = "pairs" if summary["method"] == "dpo" else "rated answers"
+    unit = "rated answers" if summary["method"] == "kto" else "pairs"
     trained = summary.get("train_pairs", summary.get("train_answers", 0))
+    liked = (
+        f" (after {summary['train_liked_answers']} liked answers)" if "train_liked_answers" in summary else ""
+    )
     tokens = summary["tokens"]
     return (
-        f"{trained} {unit} to train on, {summary['heldout_pairs']} held-out pairs, "
+        f"{trained} {unit}{liked} to train on, {summary['heldout_pairs']} held-out pairs, "
         f"{summary['dropped_too_long']} dropped as longer than {summary['token_limit']} tokens, "
         f"{summary['missing_images']} with missing images, {summary['images']} images, "
         f"tokens min/median/max {tokens['min']}/{tokens['median']}/{tokens['max']}"

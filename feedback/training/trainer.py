@@ -1,5 +1,5 @@
 """The model and the trainer: the base as the job loads it (device, precision, 4-bit, free GPU memory,
-the LoRA targets) and trl's DPO/KTO trainer around it.
+the LoRA targets) and trl's trainers around it (DPO, KTO, and SFT then DPO for sft+dpo).
 
 On CUDA, models of 1B parameters and more load in 4-bit NF4 (QLoRA) with gradient checkpointing;
 the vision tower, the connector and the LM head stay out of 4-bit (bitsandbytes wants their full
@@ -33,13 +33,15 @@ __all__ = [
     "load_for_training",
     "lora_config",
     "plan_model",
+    "supervised_pass",
 ]
 
 log = logging.getLogger(__name__)
 
 # The Linear layers of every text decoder block that LoRA adapts (attention and MLP): all of the
-# text model's, none of the vision tower's or the connector's.
+# text model's; the connector's and the vision tower's Linears only when lora_targets asks for them.
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = ("text", "text+connector", "all")
 
 # Models this large are trained in 4-bit on CUDA (SmolVLM-2B: ~2.2B; SmolVLM-256M stays in bf16).
 QUANTIZE_FROM_PARAMS = 1_000_000_000
@@ -62,6 +64,8 @@ class ModelPlan:
     text_model: str  # module path of the language model, e.g. "model.text_model"
     skip_modules: tuple[str, ...]  # full module paths kept out of 4-bit
     need_bytes: int  # GPU memory the run is expected to need
+    connector_linears: tuple[str, ...] = ()  # full paths of the connector's Linear layers
+    vision_linears: tuple[str, ...] = ()  # full paths of the vision tower's Linear layers
 
     def describe(self) -> str:
         precision = "4-bit NF4" if self.quantize else str(self.dtype).removeprefix("torch.")
@@ -105,7 +109,20 @@ def plan_model(
     )  # fmt: skip
     weights = quantized * 0.56 + (params - quantized) * element
     need = int(weights + headroom_gib * 2**30)
-    return ModelPlan(model_id, target, torch_dtype, quantize, checkpointing, params, text_model, skip, need)
+    connector, vision = _outside_linears(skeleton, skip)
+    return ModelPlan(
+        model_id,
+        target,
+        torch_dtype,
+        quantize,
+        checkpointing,
+        params,
+        text_model,
+        skip,
+        need,
+        connector,
+        vision,
+    )
 
 
 def check_gpu_memory(plan: ModelPlan) -> None:
@@ -144,12 +161,18 @@ def load_for_training(plan: ModelPlan) -> Any:
     return model
 
 
-def lora_config(plan: ModelPlan, *, r: int, alpha: int) -> Any:
-    """A plain LoRA on the text model's attention and MLP Linears: what the worker can merge (no DoRA,
-    no modules_to_save, no bias)."""
+def lora_config(plan: ModelPlan, *, r: int, alpha: int, targets: str = "text") -> Any:
+    """A plain LoRA on the text model's attention and MLP Linears (and, with `targets`, the connector's
+    or also the vision tower's Linears): what the worker can merge (no DoRA, no modules_to_save, no bias)."""
     from peft import LoraConfig
 
-    pattern = rf"{re.escape(plan.text_model)}\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(LORA_MODULES)})"
+    if targets not in LORA_TARGETS:
+        raise ValueError(f"lora_targets must be one of {', '.join(LORA_TARGETS)}, not {targets!r}")
+    patterns = [rf"{re.escape(plan.text_model)}\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(LORA_MODULES)})"]
+    exact = [*plan.connector_linears] if targets != "text" else []
+    exact += [*plan.vision_linears] if targets == "all" else []
+    patterns += [re.escape(name) for name in exact]
+    pattern = "|".join(f"({p})" for p in patterns)  # peft full-matches a string pattern on module names
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=pattern)
 
 
@@ -200,6 +223,21 @@ def _not_quantized(model: Any, text_model: str) -> tuple[str, ...]:
     return tuple(skip)
 
 
+def _outside_linears(model: Any, skip: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(connector, vision tower) Linear layers by full path: the modules outside the text model that
+    hold Linears, told apart by name ("vision" in it: the tower; any other: the connector)."""
+    head = model.get_output_embeddings()
+    connector: list[str] = []
+    vision: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        owner = next((s for s in skip if name.startswith(s + ".")), None)
+        if owner is not None:
+            (vision if "vision" in owner.rpartition(".")[2] else connector).append(name)
+    return tuple(connector), tuple(vision)
+
+
 def _choice(value: str, auto: bool) -> bool:
     value = str(value).lower()
     if value == "auto":
@@ -224,29 +262,21 @@ def build_trainer(
     output_dir: Path,
     callbacks: Sequence[Any] = (),
 ) -> Any:
-    """trl's DPOTrainer (or KTOTrainer) with a fresh LoRA on the text model; the reference is the base."""
+    """trl's DPOTrainer (or KTOTrainer) with a fresh LoRA; the reference is the base.
+
+    sft+dpo: `model` is the PeftModel `supervised_pass` returned; DPO trains its LoRA further, and
+    trl copies that adapter, as it is now, into a frozen "ref" adapter: the reference is the SFT'd model."""
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     from feedback.store.export import to_dataset
 
-    dataset = to_dataset(
-        [e.row for e in data.train], kind="pairs" if method == "dpo" else "unpaired", metadata=False
-    )
-    common: dict[str, Any] = dict(
-        output_dir=str(output_dir), learning_rate=hp.learning_rate, num_train_epochs=hp.num_train_epochs,
-        max_steps=hp.max_steps, per_device_train_batch_size=hp.per_device_train_batch_size,
-        gradient_accumulation_steps=hp.gradient_accumulation_steps, beta=hp.beta, seed=hp.seed,
-        max_length=data.max_length,  # the longest kept example: trl's truncation never cuts anything
-        gradient_checkpointing=plan.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
-        bf16=plan.device.type == "cuda", use_cpu=plan.device.type == "cpu", logging_steps=1,
-        save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )  # fmt: skip
+    paired = method in ("dpo", "sft+dpo")
+    dataset = to_dataset([e.row for e in data.train], kind="pairs" if paired else "unpaired", metadata=False)
+    common = _common_arguments(data, plan, hp, output_dir)
     config: Any
     trainer_class: Any
-    if method == "dpo":
+    if paired:
         losses: dict[str, Any] = {}
         if hp.sft_weight:  # RPO: DPO's loss plus an NLL term on the chosen answers
             losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, hp.sft_weight]}
@@ -258,9 +288,71 @@ def build_trainer(
         disliked = len(data.train) - liked
         weight = liked / disliked if liked and disliked else 1.0
         config, trainer_class = KTOConfig(**common, undesirable_weight=weight), KTOTrainer
+    continued = method == "sft+dpo"  # the SFT pass's LoRA, trained further: no new one
+    peft_config = (
+        None if continued else lora_config(plan, r=hp.lora_r, alpha=hp.lora_alpha, targets=hp.lora_targets)
+    )
     trainer = trainer_class(
         model=model, args=config, train_dataset=dataset, processing_class=processor,
-        peft_config=lora_config(plan, r=hp.lora_r, alpha=hp.lora_alpha), callbacks=list(callbacks),
+        peft_config=peft_config, callbacks=list(callbacks),
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
     return trainer
+
+
+def supervised_pass(
+    model: Any,
+    processor: Any,
+    data: TrainingData,
+    plan: ModelPlan,
+    hp: TrainArguments,
+    output_dir: Path,
+    callbacks: Sequence[Any] = (),
+) -> tuple[Any, dict[str, Any]]:
+    """sft+dpo's first half: trl's SFTTrainer trains a fresh LoRA on the liked answers (completion
+    tokens only); returns the PeftModel, ready for DPO to continue, and what it did."""
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from feedback.store.export import to_dataset
+
+    dataset = to_dataset([e.row for e in data.liked], kind="unpaired", metadata=False).remove_columns("label")
+    config = SFTConfig(**_common_arguments(data, plan, hp, output_dir, sft=True))
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=processor,
+        peft_config=lora_config(plan, r=hp.lora_r, alpha=hp.lora_alpha, targets=hp.lora_targets),
+        callbacks=list(callbacks),
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    done = {
+        "examples": len(data.liked), "steps": trainer.state.global_step,
+        "final_loss": round(float(losses[-1]), 6) if losses else None,
+        "examples_per_s": round(result.metrics.get("train_samples_per_second", 0.0), 3),
+    }  # fmt: skip
+    peft_model = trainer.model
+    del trainer  # its optimizer state goes with it; DPO starts its own
+    return peft_model, done
+
+
+def _common_arguments(
+    data: TrainingData, plan: ModelPlan, hp: TrainArguments, output_dir: Path, *, sft: bool = False
+) -> dict[str, Any]:
+    """The trainer arguments every method shares (the SFT pass has no beta)."""
+    common: dict[str, Any] = dict(
+        output_dir=str(output_dir), learning_rate=hp.learning_rate, num_train_epochs=hp.num_train_epochs,
+        max_steps=hp.max_steps, per_device_train_batch_size=hp.per_device_train_batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps, seed=hp.seed,
+        max_length=data.max_length,  # the longest kept example: trl's truncation never cuts anything
+        gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
+        bf16=plan.device.type == "cuda", use_cpu=plan.device.type == "cpu", logging_steps=1,
+        save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    if sft:
+        common.update(completion_only_loss=True, dataset_num_proc=None)
+    else:
+        common["beta"] = hp.beta
+    return common

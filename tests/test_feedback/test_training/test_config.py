@@ -34,3 +34,13 @@ def test_a_bad_flag_in_the_settings_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exit_:
         parse_arguments(settings(train_args="--no_such_flag 1"))
     assert exit_.value.code == 2
+
+
+def test_sft_then_dpo_and_the_lora_targets_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMOLCORD_TRAIN_METHOD", "sft+dpo")
+    monkeypatch.setenv("SMOLCORD_TRAIN_ARGS", "--lora_targets text+connector")
+    run, train, _ = parse_arguments(settings())
+    assert run.method == "sft+dpo" and train.lora_targets == "text+connector"
+    assert TrainArguments().lora_targets == "text"
+    with pytest.raises(SystemExit):
+        parse_arguments(settings(train_args="--lora_targets vision"))

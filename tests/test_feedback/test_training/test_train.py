@@ -309,6 +309,119 @@ def test_kto_trains_on_rated_answers(colour_store: Path, tmp_path: Path, tiny_mo
     assert run_view.method == "kto" and run_view.status == "succeeded"
 
 
+@pytest.mark.slow
+def test_sft_then_dpo_trains_one_lora_that_the_worker_merges(
+    colour_store: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from model.adapters import MergedAdapters
+
+    settings = make_settings(copy_store(colour_store, tmp_path / "data"), tiny_model_dir)
+    out = io.StringIO()
+    code = run(
+        settings, RunArguments(method="sft+dpo", progress="json"), replace(FAST, max_steps=3), stdout=out
+    )
+    *progress, final = lines_of(out)
+    assert code in (EXIT_PROMOTED, EXIT_REJECTED), final
+    assert [p["step"] for p in progress] == [1, 2, 3, 1, 2, 3]  # the supervised pass, then DPO
+    metrics = registry_of(settings).metrics("v1")
+    assert metrics["method"] == "sft+dpo"
+    counts = metrics["data"]
+    # One 👍 answer per training prompt: as many liked answers as training pairs, none held out.
+    assert counts["train_liked_answers"] == counts["train_pairs"] > counts["heldout_pairs"] > 0
+    assert counts["train_pairs"] + counts["heldout_pairs"] == PROMPTS
+    assert metrics["train"]["sft"]["steps"] == 3 and metrics["train"]["sft"]["final_loss"] > 0
+    run_view = read_store(settings, lambda store: store.get_run(run_id=final["run_id"]))
+    assert run_view.method == "sft+dpo" and run_view.status == "succeeded"
+
+    # One plain adapter (not trl's "ref" copy), trained, that the worker merges into the base.
+    adapter = settings.adapters_dir / "v1"
+    assert not (adapter / "ref").exists()
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert tensors and all(t.abs().max() > 0 for key, t in tensors.items() if "lora_B" in key)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    before = base(input_ids=ids).logits
+    merged = MergedAdapters(base, base_model_id=str(tiny_model_dir))
+    merged.load(adapter, version="v1")
+    assert merged.version == "v1" and not torch.allclose(base(input_ids=ids).logits, before)
+
+
+@pytest.mark.slow
+def test_sft_then_dpo_uses_the_supervised_model_as_dpos_reference(
+    colour_data: tuple[Any, Any], colour_store: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from feedback.training.trainer import supervised_pass
+
+    processor, _ = colour_data
+    settings = make_settings(colour_store, tiny_model_dir)
+    with JobStore(settings) as store:
+        data = load_training_data(store, settings, method="sft+dpo", processor=processor, limit=2048)
+    assert data.liked and all(e.row["label"] and not e.heldout for e in data.liked)
+    plan = plan_model(
+        str(tiny_model_dir), device="cpu", dtype="auto", load_in_4bit="auto", gradient_checkpointing="auto",
+        headroom_gib=0,
+    )  # fmt: skip
+    hp = replace(FAST, max_steps=2)
+    model, done = supervised_pass(load_for_training(plan), processor, data, plan, hp, tmp_path)
+    assert done["steps"] == 2
+    supervised = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+    assert any(p.abs().max() > 0 for n, p in supervised.items() if "lora_B" in n)  # the pass trained
+    trainer = build_trainer("sft+dpo", model, processor, data, plan, hp, tmp_path)
+    assert trainer.model is model and set(model.peft_config) == {"default", "ref"}
+    with completion_only_logprobs(torch.device("cpu")):
+        trainer.train()
+    for name, before in supervised.items():
+        # The reference is the SFT'd adapter, frozen; DPO moved the trained one on from there.
+        assert torch.equal(model.get_parameter(name.replace(".default.", ".ref.")), before)
+    assert any(not torch.equal(model.get_parameter(n), p) for n, p in supervised.items())
+
+
+def test_lora_targets_add_the_connector_and_the_vision_tower(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from feedback.training.trainer import lora_config
+
+    plan = plan_model(
+        str(tiny_model_dir), device="cpu", dtype="auto", load_in_4bit="auto", gradient_checkpointing="auto",
+        headroom_gib=0,
+    )  # fmt: skip
+    assert plan.connector_linears == ("model.connector.modality_projection.proj",)
+    assert len(plan.vision_linears) == 12  # 2 layers x (q, k, v, out_proj, fc1, fc2)
+
+    def adapted(targets: str) -> set[str]:
+        model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+        peft = get_peft_model(model, lora_config(plan, r=2, alpha=4, targets=targets))
+        return {n.removeprefix("base_model.model.") for n, m in peft.named_modules() if hasattr(m, "lora_A")}
+
+    text = adapted("text")
+    assert len(text) == 14 and all(n.startswith(plan.text_model + ".layers.") for n in text)
+    assert adapted("text+connector") == text | set(plan.connector_linears)
+    assert adapted("all") == text | set(plan.connector_linears) | set(plan.vision_linears)
+
+    # The worker merges such an adapter (any Linear), connector and vision tower included.
+    from model.adapters import MergedAdapters
+
+    peft = get_peft_model(
+        AutoModelForImageTextToText.from_pretrained(tiny_model_dir),
+        lora_config(plan, r=2, alpha=4, targets="all"),
+    )
+    with torch.no_grad():
+        for name, parameter in peft.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    peft.save_pretrained(tmp_path / "all")
+    served = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    connector = served.get_submodule(plan.connector_linears[0]).weight.detach().clone()
+    MergedAdapters(served, base_model_id=str(tiny_model_dir)).load(tmp_path / "all", version="v1")
+    assert not torch.equal(served.get_submodule(plan.connector_linears[0]).weight, connector)
+    with pytest.raises(ValueError, match="lora_targets"):
+        lora_config(plan, r=2, alpha=4, targets="vision")
+
+
 # ------------------------------------------------------------------------------ data: lengths, collation
 
 

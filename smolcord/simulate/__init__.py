@@ -1,0 +1,1 @@
+"""`smolcord simulate`: a simulated community voting by a hidden rule, to show that the loop learns."""

@@ -1,0 +1,70 @@
+"""The simulation's warm start: the world's answer form, at chance on the colour, cached."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from feedback.training.warmstart import (
+    WARM_START_FILE,
+    _finished,
+    build_warm_start,
+    caption_rows,
+    greedy_answers,
+)
+from smolcord.simulate.world import COLOURS, SHAPES, World, colour_rule, colours_named, describe
+
+
+def test_captions_have_the_worlds_form_and_ignore_the_image() -> None:
+    scenes = World(seed=0).warm_start_scenes(200)
+    rows = caption_rows(scenes, seed=0)
+    captions = [row["completion"][0]["content"][0]["text"] for row in rows]
+    assert captions == [r["completion"][0]["content"][0]["text"] for r in caption_rows(scenes, seed=0)]
+    assert set(captions) <= {describe(c, s) for c in COLOURS for s in SHAPES}
+    # Random, not the truth: right about a quarter of the time (4 colours), every colour used.
+    right = sum(colour_rule(c, s.truth) for c, s in zip(captions, scenes, strict=True))
+    assert 0.15 < right / len(scenes) < 0.35
+    assert {next(iter(colours_named(c))) for c in captions} == set(COLOURS)
+    row = rows[0]
+    assert row["prompt"][-1]["content"][0]["type"] == "image" and len(row["images"]) == 1
+    assert row["prompt"][-1]["content"][-1]["text"] == scenes[0].question
+
+
+@pytest.mark.slow
+def test_the_warm_start_answers_in_form_at_chance_and_is_cached(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from model.engine import Engine
+
+    out = build_warm_start(tiny_model_dir, tmp_path / "warm", seed=0)
+    record = json.loads((out / WARM_START_FILE).read_text())
+    assert record["seed"] == 0 and record["base"] == str(tiny_model_dir.resolve())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["warm"]  # no staging left behind
+
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    evaluation = World(seed=0).evaluation_set(32)
+    answers = greedy_answers(model, processor, evaluation)
+    one_colour = sum(len(colours_named(a)) == 1 for a in answers) / len(answers)
+    liked = sum(colour_rule(a, s.truth) for a, s in zip(answers, evaluation, strict=True)) / len(answers)
+    assert one_colour >= 0.9, Counter(answers)
+    assert liked <= 0.45, Counter(answers)
+    # A plain checkpoint (merged: no adapter files) that the worker loads as its base.
+    assert not list(out.glob("adapter_*"))
+    engine = Engine.load(str(out), device="cpu")
+    for name, weight in model.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[name], weight), name
+
+    # Built once: the same call finds it; other parameters or an unfinished folder would not.
+    stamp = (out / WARM_START_FILE).stat().st_mtime_ns
+    assert build_warm_start(tiny_model_dir, out, seed=0) == out
+    assert (out / WARM_START_FILE).stat().st_mtime_ns == stamp
+    parameters = {k: record[k] for k in record if k not in ("final_loss", "seconds")}
+    assert _finished(out, parameters)
+    assert not _finished(out, {**parameters, "seed": 1})
+    (out / WARM_START_FILE).unlink()
+    assert not _finished(out, parameters)
