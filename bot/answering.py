@@ -1,4 +1,4 @@
-"""Ask the model and stream its answer into Discord; shared by mentions, follow-ups, /ask and 🔁.
+"""Ask the model and stream its answer to a destination (bot/display.py); shared by mentions, follow-ups, /ask and 🔁.
 
 An answer is shown as it is generated: the first text becomes a reply (or the /ask response), then
 the reply is edited, at most once per `ChannelPacer` interval in its channel (all answers streaming
@@ -15,9 +15,9 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import discord
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -32,6 +32,7 @@ from bot.conversation import (
     trim_history,
     worker_messages,
 )
+from bot.display import Destination, Display
 from bot.limits import ChannelPacer, Cooldown, InflightLimit
 from bot.recent_answers import RecentAnswers
 from bot.text import CURSOR, footer, served_version, split_message
@@ -54,122 +55,11 @@ from smolcord.worker_client import (
 
 log = logging.getLogger(__name__)
 
-NO_MENTIONS = discord.AllowedMentions.none()
 BUSY_HERE = "⏳ I'm answering several questions in this server already. Please try again in a moment."
 BUSY_DM = "⏳ I'm still answering your last question here; ask again once it is done."
 BUSY_EVERYWHERE = "⏳ I'm answering many questions right now. Please try again in a moment."
 VOTE_REACTIONS = (THUMBS_UP, THUMBS_DOWN, REGENERATE)
 EDIT_INTERVAL_S = 1.5  # Discord's per-channel edit limit, with room for other bots' edits
-
-
-# ====================================================================== where an answer goes
-
-
-class Destination(Protocol):
-    """Where an answer is posted: its first message, continuation chunks, and a typing indicator."""
-
-    channel_id: int
-    parent_channel_id: int | None  # a thread's channel (its deletion takes the thread's data along)
-
-    async def post(self, content: str, *, first: bool) -> discord.Message: ...
-
-    def typing(self) -> contextlib.AbstractAsyncContextManager[Any]: ...
-
-
-class ReplyDestination:
-    """A reply in a channel (to a question, or to the answer a 🔁 was pressed on)."""
-
-    def __init__(self, channel: discord.abc.Messageable, channel_id: int, reply_to: int | None) -> None:
-        self.channel = channel
-        self.channel_id = channel_id
-        self.parent_channel_id = channel.parent_id if isinstance(channel, discord.Thread) else None
-        self.reply_to = reply_to
-
-    async def post(self, content: str, *, first: bool) -> discord.Message:
-        reference = None
-        if first and self.reply_to is not None:
-            # fail_if_not_exists=False: a question deleted meanwhile still gets its answer posted
-            # (and then deleted with the question's record, see Answerer.ask).
-            reference = discord.MessageReference(
-                message_id=self.reply_to, channel_id=self.channel_id, fail_if_not_exists=False
-            )
-        kwargs: dict[str, Any] = {"reference": reference} if reference is not None else {}
-        return await self.channel.send(
-            content, allowed_mentions=NO_MENTIONS, suppress_embeds=True, mention_author=False, **kwargs
-        )
-
-    def typing(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        return self.channel.typing()
-
-
-class InteractionDestination:
-    """The response to a deferred slash command: the first follow-up replaces "thinking…"."""
-
-    def __init__(self, interaction: discord.Interaction) -> None:
-        self.interaction = interaction
-        self.channel_id = interaction.channel_id or 0
-        channel = interaction.channel
-        self.parent_channel_id = channel.parent_id if isinstance(channel, discord.Thread) else None
-
-    async def post(self, content: str, *, first: bool) -> discord.Message:
-        return await self.interaction.followup.send(
-            content, allowed_mentions=NO_MENTIONS, suppress_embeds=True, wait=True
-        )
-
-    def typing(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        return contextlib.nullcontext()  # Discord shows "thinking…" for a deferred interaction
-
-
-async def _edit(message: discord.Message, content: str) -> None:
-    if isinstance(message, discord.WebhookMessage):  # its edit leaves the flags alone
-        await message.edit(content=content, allowed_mentions=NO_MENTIONS)
-    else:
-        # Message.edit sends `suppress=False` unless told otherwise, which brings embeds back.
-        await message.edit(content=content, allowed_mentions=NO_MENTIONS, suppress=True)
-
-
-class _Display:
-    """The messages one answer is shown in; edits take turns on the channel's pacer."""
-
-    def __init__(self, destination: Destination, pacer: ChannelPacer) -> None:
-        self.destination = destination
-        self.pacer = pacer
-        self.messages: list[discord.Message] = []
-        self.shown: list[str] = []
-
-    async def show(self, render: Callable[[], list[str]]) -> None:
-        """Make the messages show `render()`: edit changed chunks, post new ones, delete extra ones."""
-        chunks = render()
-        index = 0
-        while index < len(chunks):
-            if index >= len(self.messages):
-                message = await self.destination.post(chunks[index], first=not self.messages)
-                self.messages.append(message)
-                self.shown.append(chunks[index])
-            elif self.shown[index] != chunks[index]:
-                await self.pacer.turn(self.destination.channel_id)
-                chunks = render()  # the text grew while we waited for the slot: show the latest
-                if index < len(chunks) and self.shown[index] != chunks[index]:
-                    await _edit(self.messages[index], chunks[index])
-                    self.shown[index] = chunks[index]
-            index += 1
-        extra, self.messages, self.shown = (
-            self.messages[len(chunks) :],
-            self.messages[: len(chunks)],
-            self.shown[: len(chunks)],
-        )
-        for message in extra:
-            with contextlib.suppress(discord.HTTPException):
-                await message.delete()
-
-    async def fail(self, text: str) -> None:
-        """Replace whatever was shown with an error message."""
-        with contextlib.suppress(discord.HTTPException):
-            await self.show(lambda: [text])
-
-    @property
-    def message_ids(self) -> list[int]:
-        return [message.id for message in self.messages]
 
 
 # ====================================================================== errors users see
@@ -343,7 +233,7 @@ class Answerer:
             max_model_len=await self.max_model_len(),
         )
         sampling = Sampling(max_tokens=settings.max_tokens)
-        display = _Display(destination, self.pacer)
+        display = Display(destination, self.pacer)
         while True:
             asked = question.with_history(history)
             try:
@@ -411,7 +301,7 @@ class Answerer:
             seed=seed if seed is not None else random.randrange(2**31),
             max_tokens=settings.max_tokens,
         )
-        display = _Display(destination, self.pacer)
+        display = Display(destination, self.pacer)
         try:
             result, latency_ms = await self._generate(display, question, sampling)
         except (WorkerError, OSError) as exc:  # OSError: a stored image file is gone
@@ -437,7 +327,7 @@ class Answerer:
     # ------------------------------------------------------------------ streaming
 
     async def _generate(
-        self, display: _Display, question: Question, sampling: Sampling
+        self, display: Display, question: Question, sampling: Sampling
     ) -> tuple[ChatResult, float]:
         """Stream one answer into `display`; raises WorkerError (then `display` may show partial text)."""
         messages = await worker_messages(question)
@@ -509,7 +399,7 @@ class Answerer:
         prompt_id: int,
         result: ChatResult,
         version: str,
-        display: _Display,
+        display: Display,
         sampling: Sampling,
         latency_ms: float,
         requested_by: int,
@@ -534,7 +424,7 @@ class Answerer:
     async def _finish(
         self,
         destination: Destination,
-        display: _Display,
+        display: Display,
         response_id: int,
         guild_id: int | None,
         channel_id: int,
@@ -543,12 +433,8 @@ class Answerer:
         log.info(
             "answered in channel %s: response %s, %d messages", channel_id, response_id, len(display.messages)
         )
-        last = self.client.get_partial_messageable(channel_id, guild_id=guild_id).get_partial_message(
-            display.message_ids[-1]
-        )
         try:
-            for emoji in VOTE_REACTIONS:
-                await last.add_reaction(emoji)
+            await destination.add_reactions(display.message_ids[-1], VOTE_REACTIONS)
         except discord.HTTPException as exc:  # no Add Reactions permission, or the answer was deleted
             log.warning("could not add vote reactions in channel %s (%s)", channel_id, exc.status)
         self.recent.add(response_id=response_id, channel_id=channel_id, guild_id=guild_id)

@@ -44,6 +44,16 @@ def _tiny_model(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from smolcord.simulate.loop import SimulationConfig, run
+
+    config = SimulationConfig(
+        rounds=args.rounds, users=args.users, questions=args.questions, eval_questions=args.eval_questions,
+        rule=args.rule, noise=args.noise, method=args.method, seed=args.seed, out=args.out, model=args.model,
+    )  # fmt: skip
+    return run(config)
+
+
 def _adapters(args: argparse.Namespace, settings: Settings) -> int:
     from smolcord.registry import AdapterRegistry
 
@@ -377,6 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("adapters", _adapters, "the adapter registry")
     p.add_argument("action", nargs="?", choices=["list", "rollback"], default="list")
     p.add_argument("version", nargs="?", help="rollback target (default: the previous version)")
+
+    p = add("simulate", _simulate, "a simulated community voting by a hidden rule, night after night")
+    p.add_argument("--rounds", type=int, default=6, help="nights (default 6)")
+    p.add_argument("--users", type=int, default=12)
+    p.add_argument("--questions", type=int, default=48, help="questions asked each round")
+    p.add_argument(
+        "--eval-questions", type=int, default=64, help="the fixed evaluation set, scored each round"
+    )
+    p.add_argument("--rule", choices=["colour", "shape", "short", "random"], default="colour")
+    p.add_argument("--noise", type=float, default=0.0, help="each vote flipped with this probability")
+    p.add_argument("--method", choices=["dpo", "kto", "sft+dpo"], default="dpo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--out", type=Path, default=Path("simulation"), help="data, models, worker log, report.png"
+    )
+    p.add_argument(
+        "--model", type=Path, help="a local checkpoint as the base (default: a warm-started tiny model)"
+    )
 
     p = add("tiny-model", _tiny_model, "build a local checkpoint for tests, demos and benchmarks")
     p.add_argument("dir", type=Path)

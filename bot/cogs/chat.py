@@ -12,9 +12,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.answering import NO_MENTIONS, InteractionDestination, ReplyDestination
 from bot.attachments import AttachmentRef, AttachmentRefused, fetch_image
 from bot.conversation import DEFAULT_IMAGE_QUESTION, Question
+from bot.display import NO_MENTIONS, InteractionDestination, ReplyDestination
 from feedback.store import prompts as prompts_service
 from feedback.store import responses as responses_service
 from smolcord.images import NormalizedImage

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import discord
 from discord.ext import commands
 
-from bot.answering import NO_MENTIONS, ReplyDestination
+from bot.display import NO_MENTIONS, ReplyDestination
 from bot.limits import HourlyQuota
 from feedback.store import consent as consent_service
 from feedback.store import deletion as deletion_service
