@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,6 +54,11 @@ def test_the_warm_start_answers_in_form_at_chance_and_is_cached(tiny_model_dir: 
     liked = sum(colour_rule(a, s.truth) for a, s in zip(answers, evaluation, strict=True)) / len(answers)
     assert one_colour >= 0.9, Counter(answers)
     assert liked <= 0.45, Counter(answers)
+    # Sampled answers (🔁) are in form too, and name other colours: that is how pairs form.
+    torch.manual_seed(0)
+    sampled = sampled_answers(model, processor, evaluation[:16])
+    assert sum(len(colours_named(a)) == 1 for a in sampled) / len(sampled) >= 0.75, sampled
+    assert len(set().union(*(colours_named(a) for a in sampled))) >= 3, sampled
     # A plain checkpoint (merged: no adapter files) that the worker loads as its base.
     assert not list(out.glob("adapter_*"))
     engine = Engine.load(str(out), device="cpu")
@@ -68,3 +74,25 @@ def test_the_warm_start_answers_in_form_at_chance_and_is_cached(tiny_model_dir: 
     assert not _finished(out, {**parameters, "seed": 1})
     (out / WARM_START_FILE).unlink()
     assert not _finished(out, parameters)
+
+
+def sampled_answers(model: Any, processor: Any, scenes: Any) -> list[str]:
+    """One answer per scene sampled at temperature 1, as the worker samples a 🔁 alternative."""
+    import io
+
+    from PIL import Image
+
+    answers = []
+    for scene in scenes:
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": scene.question}]}
+        ]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(
+            text=prompt, images=[Image.open(io.BytesIO(scene.png)).convert("RGB")], return_tensors="pt"
+        )
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=True, temperature=1.0, top_p=1.0)
+        answers.append(
+            processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+        )
+    return answers
