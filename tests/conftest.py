@@ -30,6 +30,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def warm_start_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The simulation's warm start of the tiny model (answers in the world's words, at chance), built once."""
+    from feedback.training.warmstart import build_warm_start
+
+    return build_warm_start(tiny_model_dir, tmp_path_factory.mktemp("warm-start") / "warm", seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir: Path):
     """The worker's engine on the tiny model, loaded once for every test that runs a real worker."""
     from model.engine import Engine

@@ -35,16 +35,18 @@ def test_captions_have_the_worlds_form_and_ignore_the_image() -> None:
 
 
 @pytest.mark.slow
-def test_the_warm_start_answers_in_form_at_chance_and_is_cached(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_the_warm_start_answers_in_form_at_chance_and_is_cached(
+    tiny_model_dir: Path, warm_start_dir: Path
+) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from model.engine import Engine
 
-    out = build_warm_start(tiny_model_dir, tmp_path / "warm", seed=0)
+    out = warm_start_dir  # built by the session fixture: build_warm_start(tiny_model_dir, .../warm, seed=0)
     record = json.loads((out / WARM_START_FILE).read_text())
     assert record["seed"] == 0 and record["base"] == str(tiny_model_dir.resolve())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["warm"]  # no staging left behind
+    assert sorted(p.name for p in out.parent.iterdir()) == ["warm"]  # no staging left behind
 
     model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
@@ -72,8 +74,12 @@ def test_the_warm_start_answers_in_form_at_chance_and_is_cached(tiny_model_dir: 
     parameters = {k: record[k] for k in record if k not in ("final_loss", "seconds")}
     assert _finished(out, parameters)
     assert not _finished(out, {**parameters, "seed": 1})
+    saved = (out / WARM_START_FILE).read_bytes()
     (out / WARM_START_FILE).unlink()
-    assert not _finished(out, parameters)
+    try:
+        assert not _finished(out, parameters)
+    finally:
+        (out / WARM_START_FILE).write_bytes(saved)
 
 
 def sampled_answers(model: Any, processor: Any, scenes: Any) -> list[str]:

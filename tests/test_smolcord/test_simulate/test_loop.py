@@ -1,0 +1,105 @@
+"""`smolcord simulate` end to end: a worker process, the store, the bot's Answerer, nightly runs of the real job."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from smolcord.cli import main
+from smolcord.simulate.loop import SMALL_COMMUNITY, SimulationConfig, run
+
+
+@pytest.mark.slow
+def test_a_random_community_trains_but_the_gate_ships_no_noise(
+    warm_start_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Short training runs: what is checked here is the loop, not how well it learns (docs/benchmarks.md).
+    monkeypatch.setenv("SMOLCORD_TRAIN_ARGS", "--max_steps 2 --min_train_pairs 2")
+    monkeypatch.setenv("SMOLCORD_DEVICE", "cpu")
+    out = tmp_path / "sim"
+    config = SimulationConfig(
+        rounds=2,
+        users=6,
+        questions=24,
+        eval_questions=12,
+        rule="random",
+        seed=3,
+        out=out,
+        model=warm_start_dir,
+    )
+    stdout = io.StringIO()
+    assert run(config, stdout=stdout) == 0
+    lines = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    first, rounds, final = lines[0], lines[1:-1], lines[-1]
+
+    # Round 0 scores the base before any vote and names every setting the simulation overrides.
+    assert first["round"] == 0 and first["served"] == "base" and first["config"]["rule"] == "random"
+    assert (
+        set(SMALL_COMMUNITY) <= set(first["overrides"]) and first["overrides"]["worker_token"] == "(random)"
+    )
+    assert "train_args" not in first["overrides"]  # set in the environment: the simulation keeps it
+    assert [r["round"] for r in rounds] == [1, 2]
+    for record in rounds:
+        traffic = record["traffic"]
+        assert traffic["questions"] == 16 and traffic["failed"] == 0
+        assert traffic["answers"] == 16 + traffic["regenerations"]
+        assert traffic["votes_up"] + traffic["votes_down"] == traffic["answers"]
+        assert 0.0 <= record["eval_up_share"] <= 1.0
+    # Coin-flip votes make pairs, the nightly run trains on them, and the gate promotes nothing.
+    trained = [r for r in rounds if r["trained"]]
+    assert trained, rounds
+    assert all(r["verdict"] == "rejected" and not r["promoted"] for r in trained), trained
+    assert all(r["served"] == "base" for r in rounds)
+    assert final["final"] is True and final["promotions"] == [] and final["served"] == "base"
+    assert Path(final["report"]).is_file() and Path(final["report"]).stat().st_size > 10_000
+
+    # Everything went through the real store: prompts, first answers and 🔁 alternatives, votes, runs.
+    with sqlite3.connect(out / "data" / "smolcord.db") as db:
+        prompts = db.execute("SELECT count(*), sum(trainable) FROM prompts").fetchone()
+        regenerated = db.execute("SELECT count(*) FROM responses WHERE regenerated").fetchone()[0]
+        votes = db.execute("SELECT count(*) FROM reactions").fetchone()[0]
+        runs = db.execute("SELECT status, adapter_version FROM training_runs").fetchall()
+    assert prompts == (32, 32)
+    assert regenerated == sum(r["traffic"]["regenerations"] for r in rounds)
+    assert votes == sum(r["traffic"]["answers"] for r in rounds)
+    assert len(runs) == len(trained) and all(status == "succeeded" for status, _ in runs)
+    rejected = [version for _, version in runs]
+    assert all((out / "data" / "adapters" / version / "metrics.json").is_file() for version in rejected)
+    assert not (out / "data" / "adapters" / "current").exists()
+
+
+def test_the_command_line_takes_the_issues_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[SimulationConfig] = []
+    monkeypatch.setattr("smolcord.simulate.loop.run", lambda config: seen.append(config) or 0)
+    argv = ["simulate", "--rounds", "3", "--users", "7", "--questions", "9", "--eval-questions", "5"]
+    argv += [
+        "--rule",
+        "shape",
+        "--noise",
+        "0.2",
+        "--method",
+        "sft+dpo",
+        "--seed",
+        "4",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    assert seen == [
+        SimulationConfig(
+            rounds=3,
+            users=7,
+            questions=9,
+            eval_questions=5,
+            rule="shape",
+            noise=0.2,
+            method="sft+dpo",
+            seed=4,
+            out=tmp_path,
+            model=None,
+        )
+    ]
