@@ -120,8 +120,10 @@ def simulation_settings(
     """The settings of every part of the simulation, and those it sets over the environment's."""
     from smolcord.settings import Settings
 
+    # What a small community needs, unless the environment says otherwise (SMOLCORD_GATE_MIN_HELDOUT=...).
+    community = {k: v for k, v in SMALL_COMMUNITY.items() if f"SMOLCORD_{k.upper()}" not in os.environ}
     overrides: dict[str, Any] = {
-        **SMALL_COMMUNITY,
+        **community,
         "data_dir": str(out / "data"),
         "database_url": None,
         "model": str(model_dir),

@@ -18,7 +18,13 @@ def write_report(path: Path, rounds: Sequence[dict[str, Any]], *, title: str) ->
 
     numbers = [r["round"] for r in rounds]
     figure, axes = plt.subplots(figsize=(8, 4.5), layout="constrained")
-    axes.plot(numbers, [r["eval_up_share"] for r in rounds], "o-", color="tab:blue", label="liked by the rule (up share)")
+    axes.plot(
+        numbers,
+        [r["eval_up_share"] for r in rounds],
+        "o-",
+        color="tab:blue",
+        label="liked by the rule (up share)",
+    )
     axes.plot(numbers, [r["eval_colour_share"] for r in rounds], ":", color="tab:red", label="colour right")
     axes.plot(numbers, [r["eval_shape_share"] for r in rounds], ":", color="tab:green", label="shape right")
     for record in rounds:

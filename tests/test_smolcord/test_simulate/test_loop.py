@@ -20,6 +20,8 @@ def test_a_random_community_trains_but_the_gate_ships_no_noise(
     # Short training runs: what is checked here is the loop, not how well it learns (docs/benchmarks.md).
     monkeypatch.setenv("SMOLCORD_TRAIN_ARGS", "--max_steps 2 --min_train_pairs 2")
     monkeypatch.setenv("SMOLCORD_DEVICE", "cpu")
+    monkeypatch.setenv("SMOLCORD_GATE_MIN_HELDOUT", "1")  # the environment wins over the simulation's own
+    monkeypatch.setenv("SMOLCORD_MIN_NEW_PAIRS", "1")
     out = tmp_path / "sim"
     config = SimulationConfig(
         rounds=2,
