@@ -8,7 +8,9 @@ import pytest
 
 from smolcord.cli import build_parser, main
 
-DESIGN_COMMANDS = {"run", "worker", "bot", "db", "sync", "ask", "export", "train", "adapters", "tiny-model"}
+DESIGN_COMMANDS = {
+    "run", "worker", "bot", "db", "sync", "ask", "export", "train", "simulate", "adapters", "tiny-model",
+}  # fmt: skip
 
 
 def test_every_design_command_exists():

@@ -35,6 +35,7 @@ def test_captions_have_the_worlds_form_and_ignore_the_image() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # builds the session's warm start (about a minute alone, more on a loaded machine)
 def test_the_warm_start_answers_in_form_at_chance_and_is_cached(
     tiny_model_dir: Path, warm_start_dir: Path
 ) -> None:

@@ -14,6 +14,7 @@ from smolcord.simulate.loop import SMALL_COMMUNITY, SimulationConfig, run
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # builds the session's warm start (about a minute alone, more on a loaded machine)
 def test_a_random_community_trains_but_the_gate_ships_no_noise(
     warm_start_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
