@@ -351,7 +351,6 @@ class ContinuousBatch:
             shape = fast.plan.shape_for(batch, length)
             assert shape is not None  # admitted only when it fits the largest shape
             batch, length = shape
-            fast.steps[shape] += 1
         scratch = self._cache.capacity - 1
         ids = [self.engine.pad_token_id] * batch
         positions = [scratch] * batch
@@ -370,6 +369,8 @@ class ContinuousBatch:
 
     def _run_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         fast = self.engine.fast_path
+        if fast is not None:
+            fast.steps[(input_ids.shape[0], length)] += 1
         if fast is not None and fast.compiled and self._compiled_for is not fast:
             # Once per fast path: the graphs belong to this step function and this cache's addresses.
             self._decode = torch.compile(self._decode_forward, **fast.compile_options())
