@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -70,7 +70,9 @@ class SlotCache:
         self.values = values
 
     @classmethod
-    def allocate(cls, text_config: Any, *, slots: int, capacity: int, dtype: torch.dtype, device: Any) -> SlotCache:
+    def allocate(
+        cls, text_config: Any, *, slots: int, capacity: int, dtype: torch.dtype, device: Any
+    ) -> SlotCache:
         heads, head_dim = _kv_heads(text_config)
         shape = (slots, heads, capacity, head_dim)
         layers = text_config.num_hidden_layers
@@ -274,8 +276,11 @@ class ContinuousBatch:
     # -------------------------------------------------------------------------- joining
 
     def _drop_abandoned(self) -> None:
+        """Rows whose client left or whose deadline passed end before any more work is spent on them."""
         now = time.monotonic()
-        for slot in self._joining():
+        for slot in self._slots:
+            if slot is None or slot.row.closed:
+                continue
             source = slot.row.source
             if source.cancelled:
                 slot.row.finish("cancelled")
@@ -380,14 +385,22 @@ class ContinuousBatch:
             out = self._decode(input_ids, positions, mask)
         return out.float()
 
-    def _decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _decode_forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """The step the fast path compiles: embed, the layers over the slot cache, the head; (batch, vocab) logits."""
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
         hidden = self._layers(self.text.get_input_embeddings()(input_ids), positions, rows, mask, first=0)
         return self.model.lm_head(hidden[:, -1])
 
     def _layers(
-        self, embeds: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, *, first: int
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        first: int,
     ) -> torch.Tensor:
         assert self._cache is not None
         window = _Window(self._cache, rows, positions, first, mask.shape[-1])
@@ -416,7 +429,10 @@ class ContinuousBatch:
         """Each row samples (its own params and seed), takes its token and decides whether it ended."""
         logits = logits.float()
         rows = [slot.row for slot in slots]
-        RowSampler(rows)(torch.zeros((len(rows), 1), dtype=torch.long), logits)
+        no_ids = cast(
+            torch.LongTensor, torch.zeros((len(rows), 1), dtype=torch.long)
+        )  # unused by the sampler
+        RowSampler(rows)(no_ids, cast(torch.FloatTensor, logits))
         tokens = logits.argmax(-1).tolist()
         now = time.monotonic()
         for slot, token in zip(slots, tokens, strict=True):

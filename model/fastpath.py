@@ -250,7 +250,12 @@ class FastPath:
             # generate compiles on CUDA only, unless this flag says otherwise (tests on a CPU).
             compile_config._compile_all_devices = device.type != "cuda"  # type: ignore[assignment]
             self._config: dict[str, Any] = {"compile_config": compile_config}
-            self._compile_options: dict[str, Any] = {"fullgraph": False, "dynamic": True, "backend": backend, "mode": mode}
+            self._compile_options: dict[str, Any] = {
+                "fullgraph": False,
+                "dynamic": True,
+                "backend": backend,
+                "mode": mode,
+            }
         else:
             self._config = {"disable_compile": True}
             self._compile_options = {}
