@@ -70,15 +70,16 @@ def body(index: int, image: bytes, tokens: int) -> dict[str, Any]:
 
 
 async def stream(session: aiohttp.ClientSession, url: str, payload: dict[str, Any]) -> list[float]:
-    """The arrival time (perf_counter) of every content chunk of one streamed answer."""
+    """The arrival time (perf_counter) of every chunk of one streamed answer."""
     times: list[float] = []
     async with session.post(f"{url}/v1/chat/completions", json=payload) as response:
         if response.status != 200:
             raise RuntimeError(f"worker answered {response.status}: {await response.text()}")
         async for line in response.content:
             if line.startswith(b"data: {"):
-                chunk = json.loads(line[6:])
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                # Every chunk with a choice: the first (the role) goes out with the first text or the end,
+                # so random weights whose tokens decode to nothing still give a time to first token.
+                if json.loads(line[6:])["choices"]:
                     times.append(time.perf_counter())
     return times
 
