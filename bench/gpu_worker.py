@@ -10,7 +10,12 @@ serves it with the real app on a loopback port, and measures, each answer runnin
 
 - batch 1: one client through HTTP against `model.generate` in-process on the same prompt;
 - `--clients` concurrent clients through HTTP against one in-process `generate` of that batch,
-  and against batch 1 (what dynamic batching buys).
+  and against batch 1 (what dynamic batching buys);
+- arrivals (issue 14): `--arrival-requests` streamed requests at Poisson times (`--rates` per second,
+  then all at once), answer lengths drawn from 16..512 tokens, through the continuous scheduler
+  and the static one with the fast path off, then the continuous one with it on (compiled, warmed
+  up before the worker is ready): time to first token p50/p95 and tok/s each
+  (`bench.bench_scheduler.poisson`). `--rates none` skips it.
 
 Writes JSON to $OUT/gpu_worker.json (or --out) after every section, so a failure keeps the
 figures before it. Without CUDA it stops at once with exit status 2; `--device cpu --arch tiny`
@@ -131,6 +136,57 @@ async def measure(
     record["tokens_per_batch"] = tokens
     if engine.device.type == "cuda":
         record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.rates != "none":
+        await arrivals(engine, settings, args, record, dump)
+
+
+async def arrivals(
+    engine: Any, settings: Any, args: argparse.Namespace, record: dict[str, Any], dump: Any
+) -> None:
+    """Poisson arrivals through each scheduler, fast path off then on: TTFT p50/p95 and tok/s."""
+    import math
+    import random
+
+    import aiohttp
+
+    from bench.bench_scheduler import body, poisson, stream
+    from bench.bench_worker import client_session, listening_worker, photo_jpeg
+
+    image = photo_jpeg((1536, 384))
+    rng = random.Random(0)
+    lengths = [rng.randint(16, 512) for _ in range(args.arrival_requests)]
+    rates = [float(r) for r in args.rates.split(",")] + [math.inf]
+    record["arrivals"] = {"requests": args.arrival_requests, "lengths": [16, 512], "runs": {}}
+    timeout = aiohttp.ClientTimeout(total=3600)
+    for label, fast, scheduler in (
+        ("plain_continuous", False, "continuous"),
+        ("plain_static", False, "static"),
+        ("fast_continuous", True, "continuous"),
+    ):
+        run_settings = settings.model_copy(
+            update={"scheduler": scheduler, "fast_path": fast, "kv_cache_gib": args.kv_cache_gib}
+        )
+        started = time.perf_counter()
+        async with (
+            listening_worker(run_settings, engine) as url,
+            client_session(run_settings, timeout=timeout) as session,
+        ):
+            while True:  # the fast path warms up (compiles every shape) before /v1/models answers 200
+                async with session.get(f"{url}/v1/models") as response:
+                    if response.status == 200:
+                        break
+                await asyncio.sleep(1)
+            figures: dict[str, Any] = {"ready_s": round(time.perf_counter() - started, 1), "rates": []}
+            for _ in range(2):
+                await stream(session, url, body(0, image, 16))
+            for rate in rates:
+                result = await poisson(session, url, rate=rate, lengths=lengths, image=image, seed=0)
+                figures["rates"].append(
+                    {k: round(v, 4) if math.isfinite(v) else "inf" for k, v in result.items()}
+                )
+                print(label, figures["rates"][-1], flush=True)
+                record["arrivals"]["runs"][label] = figures
+                dump()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -141,6 +197,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--arch", default="smolvlm-256m", help="tiny for a CPU dry run")
     parser.add_argument("--device", default="cuda", help="cpu for a dry run (figures meaningless)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    parser.add_argument(
+        "--rates", default="2", help="Poisson arrivals per second, comma-separated; none: skip"
+    )
+    parser.add_argument("--arrival-requests", type=int, default=32)
+    parser.add_argument(
+        "--kv-cache-gib", type=float, default=8.0, help="the fast path's cache in the arrivals"
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():

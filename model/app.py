@@ -1,4 +1,4 @@
-"""The model worker's aiohttp app: an OpenAI-compatible chat endpoint over a batching scheduler."""
+"""The model worker's aiohttp app: an OpenAI-compatible chat endpoint over a batching scheduler (continuous or static)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,7 @@ def _worker(given: Engine | None) -> Callable[[web.Application], AsyncIterator[N
             max_queue=settings.max_queue,
             on_batch=metrics.observe_batch,
             on_finish=metrics.observe_completion,
+            continuous=settings.scheduler == "continuous",
         )
         async with scheduler:
             app[scheduler_key] = scheduler
@@ -124,7 +125,9 @@ async def _warm_up(app: web.Application) -> None:
     """Warm up the fast path as a job of the generation thread; if that fails, serve without it."""
     engine, scheduler = app[engine_key], app[scheduler_key]
     try:
-        await scheduler.run_exclusive(engine.warm_up)
+        await scheduler.run_exclusive(
+            functools.partial(engine.warm_up, continuous=app[settings_key].scheduler == "continuous")
+        )
     except asyncio.CancelledError:
         raise
     except Exception:

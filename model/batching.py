@@ -1,9 +1,18 @@
-"""Dynamic batching: a bounded queue on the event loop and one generation thread that runs batches and jobs.
+"""Batching: a bounded queue on the event loop and one generation thread that runs batches and jobs.
 
-Requests that arrive together are gathered (up to `max_batch`, waiting at most `batch_wait_s` for
-more) into one `Engine.run_batch` on a single dedicated thread, so the event loop stays free while
-the model works. Jobs (adapter swaps) run on the same thread between two batches: no request is
-ever generated across a swap.
+Two schedulers (SMOLCORD_SCHEDULER), on a single dedicated thread so the event loop stays free
+while the model works:
+
+- **continuous** (default): iteration-level scheduling. The thread runs the engine's
+  `ContinuousBatch` step by step; before every step it admits waiting requests into free slots
+  (up to `max_batch` rows), which join the running batch at once, and rows that ended leave.
+- **static** (the baseline): requests that arrive together are gathered (up to `max_batch`,
+  waiting at most `batch_wait_s` for more) into one `Engine.run_batch`, which runs until its
+  longest row ends while new requests wait.
+
+Either way a batch starting from idle waits up to `batch_wait_s` for requests arriving together.
+Jobs (adapter swaps) run on the same thread only when no row is in flight: once one waits, the
+continuous loop admits nobody and drains its rows first, so no request is ever generated across a swap.
 """
 
 from __future__ import annotations
@@ -12,13 +21,15 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+from model.continuous import ContinuousBatch
 from model.engine import Engine
 from model.generation import Completion, Encoding, Event, Failed, SamplingParams
 
@@ -53,6 +64,7 @@ class CompletionRequest:
     cancelled: bool = False  # read by the generation thread between steps
     model: str = ""  # the served name of the batch it runs in, set when that batch starts
     enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None  # when it left the queue for the engine (continuous scheduler)
 
     def cancel(self) -> None:
         """Stop generating for this request at the next step (or skip it if it still waits)."""
@@ -77,12 +89,16 @@ class BatchScheduler:
         max_queue: int,
         on_batch: Callable[[int, float], None] | None = None,
         on_finish: Callable[[Completion], None] | None = None,
+        continuous: bool = True,
     ) -> None:
         self.engine = engine
+        self.continuous = continuous
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
         self.max_queue = max_queue
-        self.on_batch = on_batch  # (batch size, seconds) after each batch, for metrics
+        # (batch size, seconds) after each batch, for metrics: a generate call (static), or a busy period
+        # of the decode loop, from idle to idle, and the requests it served (continuous).
+        self.on_batch = on_batch
         self.on_finish = on_finish  # every completion the engine ends, cancelled ones too, for metrics
         self._pending: deque[CompletionRequest] = deque()
         self._jobs: deque[_Job] = deque()
@@ -91,7 +107,9 @@ class BatchScheduler:
         self._wakeup = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
-        self._batch_seconds = 1.0  # moving average, for Retry-After
+        # Moving average, for Retry-After: a batch's duration (static), a request's time in the batch (continuous).
+        self._batch_seconds = 1.0
+        self._closing = threading.Event()  # tells the continuous loop on the generation thread to stop
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -105,7 +123,8 @@ class BatchScheduler:
 
     async def close(self) -> None:
         """Stop taking work, end the batch in flight at its next step, fail whatever still waits."""
-        for request in self._running:
+        self._closing.set()
+        for request in list(self._running):
             request.cancel()
         if self._task is not None:
             self._task.cancel()
@@ -121,6 +140,8 @@ class BatchScheduler:
         if self._executor is not None:
             executor, self._executor = self._executor, None
             await asyncio.to_thread(executor.shutdown, wait=True)
+        while self._pending:  # put back by the continuous loop while it stopped
+            self._pending.popleft().events.put_nowait(Failed("the worker is shutting down"))
 
     # ------------------------------------------------------------------ what callers use
 
@@ -194,6 +215,9 @@ class BatchScheduler:
                 await self._run_job(self._jobs.popleft())
                 continue
             await self._gather()
+            if self.continuous:
+                await self._run_continuously(loop)
+                continue
             batch = self._take_batch()
             if batch:
                 await self._run_batch(loop, batch)
@@ -227,10 +251,7 @@ class BatchScheduler:
         return batch
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[CompletionRequest]) -> None:
-        def deliver(events: list[tuple[Any, Event]]) -> None:  # called on the generation thread
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
-                loop.call_soon_threadsafe(self._deliver_now, events)
-
+        deliver = self._deliverer(loop)
         self._running = batch
         started = time.monotonic()
         try:
@@ -244,6 +265,67 @@ class BatchScheduler:
         log.debug("batch of %d done in %.2f s, %d waiting", len(batch), seconds, len(self._pending))
         if self.on_batch is not None:
             self.on_batch(len(batch), seconds)
+
+    def _deliverer(self, loop: asyncio.AbstractEventLoop) -> Callable[[list[tuple[Any, Event]]], None]:
+        def deliver(events: list[tuple[Any, Event]]) -> None:  # called on the generation thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+                loop.call_soon_threadsafe(self._deliver_now, events)
+
+        return deliver
+
+    async def _run_continuously(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One busy period of the continuous scheduler: the decode loop runs until no row is left."""
+        started = time.monotonic()
+        served = await loop.run_in_executor(self._executor, self._decode_loop, self._deliverer(loop))
+        seconds = time.monotonic() - started
+        log.debug("decode loop: %d requests in %.2f s, %d waiting", served, seconds, len(self._pending))
+        if served and self.on_batch is not None:
+            self.on_batch(served, seconds)
+
+    def _decode_loop(self, deliver: Callable[[list[tuple[Any, Event]]], None]) -> int:
+        """On the generation thread: admit, step, until the batch is empty; returns the requests admitted."""
+        batch = self.engine.continuous
+        served = 0
+        try:
+            while not self._closing.is_set():
+                if not self._jobs:  # a job (adapter swap) waits: admit nobody, let the rows in flight end
+                    served += self._admit(batch, deliver)
+                if batch.idle:
+                    break
+                batch.step(deliver)
+                self._running = cast(list[CompletionRequest], batch.sources())  # the sources are our requests
+        finally:
+            self._running = cast(list[CompletionRequest], batch.sources())
+        return served
+
+    def _admit(self, batch: ContinuousBatch, deliver: Callable[[list[tuple[Any, Event]]], None]) -> int:
+        """Move waiting requests into free slots (generation thread); returns how many were admitted."""
+        admitted = 0
+        room = min(self.max_batch, batch.max_rows or self.max_batch)
+        while len(batch) < room:
+            try:
+                request = self._pending.popleft()  # deques are thread-safe; submit() appends on the loop
+            except IndexError:
+                break
+            now = time.monotonic()
+            # Its client left or gave up while it waited: the route has already answered.
+            if request.cancelled or request.deadline <= now:
+                continue
+            if not batch.fits(request.encoding, request.params.max_tokens):
+                if not batch.idle:  # too long for the fast path's slots: it runs alone once they are empty
+                    self._pending.appendleft(request)
+                    break
+                log.info("%s fits no fast-path slot: generated alone with plain generate", request.id)
+                request.started_at = now
+                self.engine.run_batch([(request, request.encoding)], deliver)
+                admitted += 1
+                continue
+            request.started_at = now
+            batch.admit(request, request.encoding)
+            admitted += 1
+        if admitted:
+            self._running = cast(list[CompletionRequest], batch.sources())
+        return admitted
 
     async def _run_job(self, job: _Job) -> None:
         loop = asyncio.get_running_loop()
@@ -261,3 +343,6 @@ class BatchScheduler:
             request.events.put_nowait(event)
             if isinstance(event, Completion) and self.on_finish is not None:
                 self.on_finish(event)
+            started = getattr(request, "started_at", None)
+            if self.continuous and started is not None and isinstance(event, Completion | Failed):
+                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)

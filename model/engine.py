@@ -40,6 +40,7 @@ from model.generation import (
 )
 
 if TYPE_CHECKING:
+    from model.continuous import ContinuousBatch
     from model.fastpath import FastPath
     from smolcord.registry import AdapterRegistry
 
@@ -80,6 +81,7 @@ class Engine:
         self._adapters = MergedAdapters(self.model, base_model_id=name)
         # Opt-in (SMOLCORD_FAST_PATH): static caches, buckets and compiled decoding, see model/fastpath.py.
         self.fast_path: FastPath | None = None
+        self._continuous: ContinuousBatch | None = None
 
     @classmethod
     def load(cls, model_id: str, *, device: str = "auto", dtype: str = "auto") -> Engine:
@@ -117,18 +119,30 @@ class Engine:
             max_batch=max_batch,
             **options,
         )
+        self._continuous = None  # its cache and compiled step belonged to the plain path
 
     def disable_fast_path(self) -> None:
         """Serve with plain `generate` again (dropping the fast path's cache). Generation thread only."""
         self.fast_path = None
+        self._continuous = None
+
+    @property
+    def continuous(self) -> ContinuousBatch:
+        """The continuous scheduler's running batch (model/continuous.py), one per engine. Generation thread only."""
+        if self._continuous is None:
+            from model.continuous import ContinuousBatch
+
+            self._continuous = ContinuousBatch(self)
+        return self._continuous
 
     @property
     def ready(self) -> bool:
         """False while the fast path has shapes still to warm up: /v1/models answers 503 until then."""
         return self.fast_path is None or self.fast_path.warmed
 
-    def warm_up(self) -> None:
-        """Run every fast-path shape once through `run_batch`, so no request pays a compile.
+    def warm_up(self, *, continuous: bool = False) -> None:
+        """Run every fast-path shape once, so no request pays a compile: through `run_batch` (the static
+        scheduler), or as one decode step of the continuous batch (`continuous`).
 
         Generation thread only: CUDA graphs belong to a thread. The fast path supplies the shapes and
         the prompt and keeps the count of what was compiled; the loop that drives the engine is here.
@@ -137,6 +151,13 @@ class Engine:
 
         fast = self.fast_path
         if fast is None or fast.warmed:
+            return
+        if continuous:
+            with fast.warming():
+                for shape in fast.plan.shapes:
+                    started = time.perf_counter()
+                    self.continuous.warm_up_step(shape)
+                    log.info("fast path: step %s warm in %.1f s", shape, time.perf_counter() - started)
             return
         prompt = fast.warm_up_prompt(self.encode)
         with fast.warming():

@@ -250,20 +250,29 @@ class FastPath:
             # generate compiles on CUDA only, unless this flag says otherwise (tests on a CPU).
             compile_config._compile_all_devices = device.type != "cuda"  # type: ignore[assignment]
             self._config: dict[str, Any] = {"compile_config": compile_config}
+            self._compile_options: dict[str, Any] = {
+                "fullgraph": False,
+                "dynamic": True,
+                "backend": backend,
+                "mode": mode,
+            }
         else:
             self._config = {"disable_compile": True}
+            self._compile_options = {}
         # transformers 5.2x names generate's cache argument `cache`; earlier 5.x `past_key_values`.
         forward = inspect.signature(model.forward).parameters
         self._cache_argument = "cache" if "cache" in forward else "past_key_values"
         # Batches run per shape (the warm-up's included), and batches too long for every shape.
         self.launches: collections.Counter[tuple[int, int]] = collections.Counter()
+        # Decode steps of the continuous scheduler per shape (the warm-up's included).
+        self.steps: collections.Counter[tuple[int, int]] = collections.Counter()
         self.fallbacks = 0
         self.warmed = False
         self.warm_up_s: float | None = None
         self.graphs_at_warm_up: int | None = None  # graphs dynamo compiled during warm-up
         self._graphs_after_warm_up = 0
         try:
-            self._caches = self._allocate(model, plan)
+            self._caches, self._slots = self._allocate(model, plan)
         except torch.OutOfMemoryError:
             raise FastPathError(
                 f"the KV cache ({_gib(plan.bytes)}) does not fit beside the model on {device}: "
@@ -308,8 +317,11 @@ class FastPath:
         return fast_path
 
     @staticmethod
-    def _allocate(model: Any, plan: CachePlan) -> dict[tuple[int, int], StaticCache]:
-        """One StaticCache per shape, every one a view of the front of the same per-layer buffers."""
+    def _allocate(
+        model: Any, plan: CachePlan
+    ) -> tuple[dict[tuple[int, int], StaticCache], tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """One StaticCache per shape, every one a view of the front of the same per-layer buffers; and those
+        buffers as the continuous scheduler's slots, (max batch, kv heads, max length, head dim) per layer."""
         text_config = model.config.get_text_config()
         heads, head_dim = _kv_heads(text_config)
         device, dtype = model.device, model.dtype
@@ -339,7 +351,14 @@ class FastPath:
                 torch._dynamo.mark_static_address(layer.keys)
                 torch._dynamo.mark_static_address(layer.values)
             caches[(batch, length)] = cache
-        return caches
+        slot_shape = (plan.max_batch, heads, plan.max_length, head_dim)
+        slots: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for flat, views in ((keys, slots[0]), (values, slots[1])):
+            for buffer in flat:
+                view = buffer.view(slot_shape)
+                torch._dynamo.mark_static_address(view)
+                views.append(view)
+        return caches, slots
 
     # -------------------------------------------------------------------------- per batch
 
@@ -373,6 +392,15 @@ class FastPath:
             config=dict(self._config),
             kwargs={self._cache_argument: cache},
         )
+
+    def slot_buffers(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The cache as the continuous scheduler's slots (model/continuous.py): per layer K and V of
+        (max batch, kv heads, max length, head dim), the same memory as the static shapes' caches."""
+        return self._slots
+
+    def compile_options(self) -> dict[str, Any]:
+        """`torch.compile` options of the continuous decode step: those of the static path's compile_config."""
+        return dict(self._compile_options)
 
     def _padding_encoding(self) -> Encoding:
         return Encoding(input_ids=[self.pad_token_id])  # one token, no image: the cheapest row there is

@@ -49,13 +49,13 @@ class WorkerMetrics:
         )
         self.batch_size = Histogram(
             "smolcord_batch_size",
-            "Requests per generate call",
+            "Requests per batch: a generate call (static scheduler) or a decode loop's busy period (continuous)",
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
         self.batch_seconds = Histogram(
             "smolcord_batch_seconds",
-            "Duration of generate calls",
+            "Duration of those batches",
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )

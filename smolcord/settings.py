@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     max_tokens: int = 512
     max_batch: int = Field(default=16, ge=1)
     batch_wait_ms: float = Field(default=10, ge=0)
+    # continuous: requests join the running batch at the next decode step (model/continuous.py);
+    # static: one generate call per batch, new requests wait for its longest row (the baseline).
+    scheduler: Literal["continuous", "static"] = "continuous"
     max_queue: int = Field(default=64, ge=1)
     request_timeout_s: float = Field(default=120, gt=0)
     # Bytes of request bodies the worker holds at once while reading and decoding them, across

@@ -57,6 +57,7 @@ def slow_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     import time
 
+    import model.continuous
     import model.engine
     from model.generation import RowSampler
 
@@ -65,7 +66,8 @@ def slow_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
             time.sleep(0.01)
             return super().__call__(input_ids, scores)
 
-    monkeypatch.setattr(model.engine, "RowSampler", SlowSampler)
+    monkeypatch.setattr(model.engine, "RowSampler", SlowSampler)  # the static scheduler's steps
+    monkeypatch.setattr(model.continuous, "RowSampler", SlowSampler)  # the continuous one's
 
 
 @pytest.fixture

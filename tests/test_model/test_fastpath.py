@@ -105,6 +105,17 @@ def launched(fast_engine: Engine) -> Callable[[], dict[tuple[int, int], int]]:
     }
 
 
+@pytest.fixture
+def stepped(fast_engine: Engine) -> Callable[[], dict[tuple[int, int], int]]:
+    """`stepped()`: decode steps the continuous scheduler ran per shape since the test started."""
+    assert fast_engine.fast_path is not None
+    counter = fast_engine.fast_path.steps
+    before = dict(counter)
+    return lambda: {
+        shape: n - before.get(shape, 0) for shape, n in counter.items() if n > before.get(shape, 0)
+    }
+
+
 # ------------------------------------------------------------------------------ the memory plan
 
 
@@ -239,7 +250,7 @@ async def fast_worker(
 
 
 async def test_streaming_through_the_fast_worker(
-    fast_worker: TestClient, engine: Engine, launched: Any
+    fast_worker: TestClient, engine: Engine, launched: Any, stepped: Any
 ) -> None:
     content = [{"type": "text", "text": "What colour is the cat?"}]
     body = {
@@ -259,7 +270,8 @@ async def test_streaming_through_the_fast_worker(
     assert streamed == whole["choices"][0]["message"]["content"]
     (plain,) = _answers(engine, [(_Source(max_tokens=14), _encode(engine, "What colour is the cat?"))])
     assert streamed == plain[0]
-    assert launched() == {(1, 128): 2}
+    # The continuous scheduler: no generate call, 13 decode steps each (the prefill chose the first token).
+    assert launched() == {} and stepped() == {(1, 128): 2 * 13}
 
 
 async def test_readiness_waits_for_the_warm_up(
@@ -271,9 +283,9 @@ async def test_readiness_waits_for_the_warm_up(
     release = threading.Event()
     warm_up = cold.warm_up
 
-    def held_warm_up() -> None:  # the generation thread waits here until the test lets it go
+    def held_warm_up(**options: Any) -> None:  # the generation thread waits here until the test lets it go
         assert release.wait(30)
-        warm_up()
+        warm_up(**options)
 
     cold.warm_up = held_warm_up  # type: ignore[method-assign]
     worker = await aiohttp_client(await init_app(make_settings(fast_path=True, max_batch=4), engine=cold))
@@ -296,7 +308,8 @@ async def test_readiness_waits_for_the_warm_up(
             break
         await asyncio.sleep(0.05)
     assert (await client.ready())["id"] == engine.name
-    assert cold.fast_path.warmed and set(cold.fast_path.launches) == set(cold.fast_path.plan.shapes)
+    # The continuous scheduler warms every shape as one decode step.
+    assert cold.fast_path.warmed and set(cold.fast_path.steps) == set(cold.fast_path.plan.shapes)
     answer = await (await worker.post(CHAT, json=body)).json()
     assert answer["usage"]["completion_tokens"] >= 1
 
@@ -308,7 +321,7 @@ async def test_a_failed_warm_up_serves_plain_generate(
     cold.enable_fast_path(kv_cache_gib=TINY_BUDGET_GIB, **BUCKETS)
     assert cold.fast_path is not None
 
-    def broken() -> None:
+    def broken(**options: Any) -> None:
         raise RuntimeError("no compiler")
 
     cold.warm_up = broken  # type: ignore[method-assign]
