@@ -12,11 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete
-from test_feedback.harness import TEST_DATABASE_URL, StoreHarness, sqlite_url
+from test_feedback.harness import TEST_DATABASE_URL, StoreHarness, empty_shared_database, sqlite_url
 
 from feedback.store.db import create_engine, sessionmaker, upgrade_to_head
-from feedback.store.models import Base
 from smolcord.settings import Settings
 
 
@@ -57,10 +55,7 @@ def settings(tmp_path: Path, migrated_template: Path | None) -> Settings:
 @pytest.fixture
 async def engine(settings: Settings):
     engine = create_engine(settings.db_url)
-    if TEST_DATABASE_URL:  # one shared database: empty it, children first
-        async with engine.begin() as connection:
-            for table in reversed(Base.metadata.sorted_tables):
-                await connection.execute(delete(table))
+    await empty_shared_database(engine)
     yield engine
     await engine.dispose()
 

@@ -148,3 +148,15 @@ class StoreHarness:
     async def sql(self, statement: str, **params: Any) -> list[Any]:
         async with self.sessions() as session:
             return list((await session.execute(text(statement), params)).all())
+
+
+async def empty_shared_database(engine: Any) -> None:
+    """Against SMOLCORD_TEST_DATABASE_URL every test shares one database: empty it, children first."""
+    from sqlalchemy import delete
+
+    from feedback.store.models import Base
+
+    if TEST_DATABASE_URL:
+        async with engine.begin() as connection:
+            for table in reversed(Base.metadata.sorted_tables):
+                await connection.execute(delete(table))

@@ -114,7 +114,7 @@ def test_cli_upgrades_and_exports_on_a_fresh_data_dir(tmp_path, monkeypatch, cap
 def test_cli_export_says_how_many_rows_it_left_out_and_why(settings, tmp_path, capsys):
     import asyncio
 
-    from test_feedback.harness import StoreHarness
+    from test_feedback.harness import StoreHarness, empty_shared_database
 
     from feedback.store.commands import export as export_command
     from feedback.store.db import create_engine, sessionmaker
@@ -122,6 +122,7 @@ def test_cli_export_says_how_many_rows_it_left_out_and_why(settings, tmp_path, c
     async def fill():
         engine = create_engine(settings.db_url)
         try:
+            await empty_shared_database(engine)
             store = StoreHarness(sessionmaker(engine), settings)
             await store.learning()
             dm = await store.prompt("asked in a DM", guild_id=None)  # DMs never train
