@@ -32,7 +32,9 @@ def colour_share(model: Any, processor: Any, seed: int, questions: int) -> tuple
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("sim_out", type=Path)
     parser.add_argument("flags", help="flags of python -m feedback.training (SMOLCORD_TRAIN_ARGS)")
     parser.add_argument("--method", default="dpo", choices=["dpo", "kto", "sft+dpo"])
