@@ -31,6 +31,36 @@ def colour_share(model: Any, processor: Any, seed: int, questions: int) -> tuple
     return liked / len(scenes), len(set(answers))
 
 
+def sampled_in_form(model: Any, processor: Any, seed: int, questions: int) -> float:
+    """The share of answers sampled as 🔁 samples them (temperature 1, top_p 0.9) that name exactly one
+    colour: an adapter whose alternatives are word salad makes no new pairs, whatever its greedy share."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from feedback.store.export import prompt_messages
+    from feedback.training.warmstart import _with_image_part
+    from smolcord.simulate.world import World, colours_named
+
+    scenes = World(seed).evaluation_set(questions)
+    texts = [
+        processor.apply_chat_template(
+            [_with_image_part(m) for m in prompt_messages([], s.question, 1)], add_generation_prompt=True
+        )
+        for s in scenes
+    ]
+    images = [[Image.open(io.BytesIO(s.png)).convert("RGB")] for s in scenes]
+    batch = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=16, do_sample=True, temperature=1.0, top_p=0.9)
+    answers = processor.tokenizer.batch_decode(
+        out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    return sum(len(colours_named(a)) == 1 for a in answers) / len(answers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -69,10 +99,11 @@ def main() -> None:
         base = AutoModelForImageTextToText.from_pretrained(warm)
         model = PeftModel.from_pretrained(base, str(data / "adapters" / "v1")).merge_and_unload().eval()
         share, distinct = colour_share(model, processor, args.seed, args.questions)
+        in_form = sampled_in_form(model, processor, args.seed, args.questions)
     record = {
         "flags": args.flags, "method": args.method, "exit_code": code, "train_seconds": round(seconds, 1),
         "base_colour_share": round(base_share, 4), "base_distinct": base_distinct,
-        "colour_share": round(share, 4), "distinct_answers": distinct,
+        "colour_share": round(share, 4), "distinct_answers": distinct, "sampled_in_form": round(in_form, 4),
         "ratio_to_base": round(share / base_share, 2) if base_share else None,
     }  # fmt: skip
     print(json.dumps(record))

@@ -298,6 +298,7 @@ class Answerer:
         )
         sampling = Sampling(
             temperature=settings.regen_temperature,
+            top_p=settings.regen_top_p,
             seed=seed if seed is not None else random.randrange(2**31),
             max_tokens=settings.max_tokens,
         )

@@ -114,7 +114,8 @@ async def worker_messages(question: Question) -> list[dict[str, Any]]:
     messages = []
     for turn in question.history:
         if turn["role"] == "assistant":
-            messages.append({"role": "assistant", "content": turn["content"]})
+            # Stripped as training renders it (feedback.store.export): the template adds the space itself.
+            messages.append({"role": "assistant", "content": turn["content"].strip()})
         else:
             images = [question.history_images[sha] for sha in turn.get("images") or ()]
             messages.append(await _user_turn(turn["content"], images))

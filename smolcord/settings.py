@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     history_turns: int = Field(default=6, ge=0)
     history_images: int = Field(default=2, ge=0)
     regen_temperature: float = Field(default=0.7, ge=0)
+    # Nucleus sampling for 🔁: the alternative stays among the answers the model finds plausible (a
+    # sharpened adapter at temperature 1 without it wanders into word salad nobody can vote on).
+    regen_top_p: float = Field(default=0.9, gt=0, le=1)
     regen_per_hour: int = Field(default=10, ge=0)
 
     # data and learning

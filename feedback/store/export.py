@@ -62,6 +62,13 @@ def _text(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text}
 
 
+def _answer(text: str) -> dict[str, Any]:
+    # The model's raw text begins with the space it generated after "Assistant:", and the chat template
+    # puts one there itself: kept, every trained answer would begin with a second space the model never
+    # produces when it answers (SmolVLM's template renders "Assistant: " + content).
+    return _text(text.strip())
+
+
 def _image() -> dict[str, Any]:
     return {"type": "image", "text": None}  # "text" on every part keeps one Arrow struct type
 
@@ -76,7 +83,7 @@ def prompt_messages(
             parts = [_image() for _ in turn.get("images", [])] + [_text(turn["content"])]
             messages.append({"role": "user", "content": parts})
         else:
-            messages.append({"role": "assistant", "content": [_text(turn["content"])]})
+            messages.append({"role": "assistant", "content": [_answer(turn["content"])]})
     messages.append({"role": "user", "content": [_image() for _ in range(own_images)] + [_text(question)]})
     return messages
 
@@ -93,8 +100,8 @@ def pair_row(pair: PreferencePair) -> dict[str, Any]:
     """One DPO row: images, prompt, chosen, rejected, then the metadata columns."""
     return {
         **_prompt_columns(pair),
-        "chosen": [{"role": "assistant", "content": [_text(pair.chosen_text)]}],
-        "rejected": [{"role": "assistant", "content": [_text(pair.rejected_text)]}],
+        "chosen": [{"role": "assistant", "content": [_answer(pair.chosen_text)]}],
+        "rejected": [{"role": "assistant", "content": [_answer(pair.rejected_text)]}],
         "prompt_key": pair.prompt_key,
         "prompt_id": pair.prompt_id,
         "guild_id": pair.guild_id,
@@ -107,7 +114,7 @@ def rated_row(answer: RatedAnswer) -> dict[str, Any]:
     """One KTO row: images, prompt, completion, label, then the metadata columns."""
     return {
         **_prompt_columns(answer),
-        "completion": [{"role": "assistant", "content": [_text(answer.text)]}],
+        "completion": [{"role": "assistant", "content": [_answer(answer.text)]}],
         "label": answer.label,
         "prompt_key": answer.prompt_key,
         "prompt_id": answer.prompt_id,

@@ -426,3 +426,21 @@ def test_history_is_trimmed_to_turns_images_and_context() -> None:
     fitted = fit_history(turns, **kwargs, max_model_len=400)
     assert [t["content"] for t in fitted] == ["q2", "a2", "q3", "a3"]
     assert fit_history(turns, **kwargs, max_model_len=100) == []
+
+
+async def test_a_quoted_answer_goes_to_the_worker_as_training_renders_it() -> None:
+    """The model's text begins with the space it generated; the chat template adds one, so history sent
+    to the worker is stripped exactly as the exported training rows are."""
+    from bot.conversation import Question, worker_messages
+
+    question = Question(
+        text="and now?",
+        images=(),
+        history=(
+            {"role": "user", "content": "what is it?", "images": []},
+            {"role": "assistant", "content": " a cat\n"},
+        ),
+        history_images={},
+    )
+    messages = await worker_messages(question)
+    assert messages[1] == {"role": "assistant", "content": "a cat"}

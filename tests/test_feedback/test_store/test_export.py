@@ -137,3 +137,32 @@ def test_cli_export_says_how_many_rows_it_left_out_and_why(settings, tmp_path, c
     assert export_command(settings, tmp_path / "pairs.jsonl", "pairs") == 0
     out = capsys.readouterr().out
     assert "wrote 0 pairs" in out and "left out: 1 by consent" in out and "0 by the voter-share cap" in out
+
+
+async def test_answers_are_rendered_without_the_space_the_model_generated_first(store):
+    """The worker's text starts with the space generated after "Assistant:"; the chat template adds its
+    own, so a trained answer (and a quoted one in the history) is stripped or it would teach two spaces."""
+    await store.learning()
+    first = await store.prompt("what is this?", images=[make_image(1)])
+    response_id, [message] = await store.answer(first.id, " a cat\n")
+    conversation = await store.call(
+        prompts_service.get_conversation, settings=store.settings, message_id=message
+    )
+    follow = await store.prompt(
+        "and this one?", images=[make_image(2)], history=conversation.turns, parent_response_id=response_id
+    )
+    _, [good] = await store.answer(follow.id, " a dog")
+    _, [bad] = await store.answer(follow.id, "  a cat again", regenerated=True)
+    await store.vote(good, 1, "👍")
+    await store.vote(bad, 2, "👎")
+    async with store.sessions() as session:
+        [pair] = await build_pairs(session, settings=store.settings)
+        rated = await build_rated_answers(session, settings=store.settings)
+    row = pair_row(pair)
+    assert row["prompt"][1] == {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]}
+    assert row["chosen"][0]["content"][0]["text"] == "a dog"
+    assert row["rejected"][0]["content"][0]["text"] == "a cat again"
+    assert {rated_row(answer)["completion"][0]["content"][0]["text"] for answer in rated} == {
+        "a dog",
+        "a cat again",
+    }
