@@ -250,6 +250,14 @@ class Engine:
         if self.candidate is not None:
             self.candidate.load_adapter(path, version=version)
             return
+        if self.fast_path is not None:
+            # Its own fast path would need its own compiled graphs and warm-up (an exclusive job that
+            # stalls every request for as long as it compiles) and its own share of the KV budget,
+            # all for a minority of the traffic: see docs/architecture.md, "Two versions at once".
+            log.info(
+                "fast path: candidate %s runs the plain path (eager, own growing cache), not compiled",
+                version,
+            )
         started = time.perf_counter()
         candidate = Engine(self._base_copy(), self.processor, name=self.name)
         candidate.created = self.created

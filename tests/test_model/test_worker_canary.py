@@ -280,3 +280,34 @@ async def test_a_candidate_swap_waits_for_the_rows_in_flight(
     finished = await running
     assert finished["model"] == f"{name}:v1" and text(finished) == expected  # all of it on v1's weights
     assert engine.candidate_version == "v2"
+
+
+async def test_with_the_fast_path_the_candidate_runs_eager_and_answers_as_alone(
+    aiohttp_client: Any,
+    tiny_model_dir: Path,
+    make_settings: Callable[..., Settings],
+    registry: AdapterRegistry,
+) -> None:
+    from model.app import init_app
+
+    fast = Engine.load(str(tiny_model_dir), device="cpu")
+    fast.enable_fast_path(
+        kv_cache_gib=4 * 256 * 512 / 2**30, max_batch=4, batch_buckets=(1, 4), min_length=128
+    )
+    fast.warm_up(continuous=True)
+    settings = make_settings(fast_path=True, max_batch=4, batch_wait_ms=200)
+    set_current(registry, "v2")
+    worker = await aiohttp_client(await init_app(settings, engine=fast))
+    alone = await asyncio.gather(*(answer(worker, asking(q)) for q in QUESTIONS[:4]))
+    await worker.close()
+
+    set_current(registry, "v1")
+    set_candidate(registry, "v2")
+    worker = await aiohttp_client(await init_app(settings, engine=fast))
+    assert fast.candidate is not None and fast.candidate.fast_path is None and fast.fast_path is not None
+    bodies = [asking(q, f"{fast.name}:{v}") for q in QUESTIONS[:4] for v in ("v1", "v2")]
+    answers = await asyncio.gather(*(answer(worker, body) for body in bodies))
+    assert [text(a) for a, b in zip(answers, bodies, strict=True) if b["model"].endswith(":v2")] == [
+        text(a) for a in alone
+    ]
+    assert {a["model"] for a in answers} == {f"{fast.name}:v1", f"{fast.name}:v2"}
