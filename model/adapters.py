@@ -175,6 +175,20 @@ class MergedAdapters:
         """The modules whose weights hold an adapter's update now."""
         return tuple(sorted(self._served))
 
+    def base_weights(self, model: nn.Module) -> None:
+        """Write W0 into every weight of model (a copy of this one) that an adapter has touched here.
+
+        A copy of a model serving an adapter holds that adapter merged; this makes it the base again,
+        bit for bit, without loading anything from disk (the candidate's copy starts from it).
+        """
+        target = getattr(model, "_orig_mod", model)
+        modules = dict(target.named_modules())
+        with self._lock, torch.no_grad():
+            for name, base in self._base.items():
+                weight = modules[name].weight
+                assert isinstance(weight, torch.Tensor)
+                weight.copy_(base.to(weight.device))
+
     # ---------------------------------------------------------------- loading
 
     def load(self, adapter_dir: str | os.PathLike[str] | None, *, version: str | None = None) -> None:

@@ -106,7 +106,7 @@ def _worker(given: Engine | None) -> Callable[[web.Application], AsyncIterator[N
 
 
 async def _serve_registry_current(app: web.Application) -> None:
-    """At start, serve what the registry's `current` names; a broken adapter leaves the base serving."""
+    """At start, serve what the registry's `current` and `candidate` name; a broken adapter leaves the base serving (no candidate)."""
     engine, registry = app[engine_key], app[registry_key]
     try:
         await app[scheduler_key].run_exclusive(functools.partial(engine.serve_registry_current, registry))
@@ -118,7 +118,13 @@ async def _serve_registry_current(app: web.Application) -> None:
             "the registry's current adapter was refused at start (%s): serving %s", exc, engine.served_name
         )
     app[metrics_key].set_adapter(engine.adapter_version)
-    log.info("serving %s", engine.served_name)
+    try:
+        await app[scheduler_key].run_exclusive(functools.partial(engine.serve_registry_candidate, registry))
+    except RegistryError as exc:
+        log.error("adapter registry unreadable at start (%s): no candidate", exc)
+    except AdapterError as exc:
+        log.error("the registry's candidate adapter was refused at start (%s): no candidate", exc)
+    log.info("serving %s", ", ".join(e.served_name for e in engine.engines()))
 
 
 async def _warm_up(app: web.Application) -> None:

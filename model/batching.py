@@ -11,6 +11,12 @@ while the model works:
   longest row ends while new requests wait.
 
 Either way a batch starting from idle waits up to `batch_wait_s` for requests arriving together.
+
+Two versions (the canary): each request names the version it wants (`CompletionRequest.version`),
+resolved to an engine when it starts (`Engine.engine_for`). The current and the candidate engine have
+their own model copies and their own batches: the continuous loop steps both batches, one forward each,
+and a static batch takes only requests of the engine its oldest request needs. A forward pass never
+mixes versions, and each batch computes exactly what it would with the other version idle.
 Jobs (adapter swaps) run on the same thread only when no row is in flight: once one waits, the
 continuous loop admits nobody and drains its rows first, so no request is ever generated across a swap.
 """
@@ -29,7 +35,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
-from model.continuous import ContinuousBatch
 from model.engine import Engine
 from model.generation import Completion, Encoding, Event, Failed, SamplingParams
 
@@ -63,6 +68,7 @@ class CompletionRequest:
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # read by the generation thread between steps
     model: str = ""  # the served name of the batch it runs in, set when that batch starts
+    version: str | None = None  # the adapter version asked for (None: current), see Engine.engine_for
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # when it left the queue for the engine (continuous scheduler)
 
@@ -218,9 +224,9 @@ class BatchScheduler:
             if self.continuous:
                 await self._run_continuously(loop)
                 continue
-            batch = self._take_batch()
+            engine, batch = self._take_batch()
             if batch:
-                await self._run_batch(loop, batch)
+                await self._run_batch(loop, engine, batch)
 
     async def _gather(self) -> None:
         """Give requests arriving together a moment to share the batch.
@@ -239,24 +245,36 @@ class BatchScheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), until - now)
 
-    def _take_batch(self) -> list[CompletionRequest]:
+    def _take_batch(self) -> tuple[Engine, list[CompletionRequest]]:
+        """The oldest request's engine and the waiting requests it serves (others keep their places)."""
         batch: list[CompletionRequest] = []
+        others: list[CompletionRequest] = []
+        engine = self.engine
         now = time.monotonic()
         while self._pending and len(batch) < self.max_batch:
             request = self._pending.popleft()
             # Its client left or gave up while it waited: the route has already answered.
             if request.cancelled or request.deadline <= now:
                 continue
-            batch.append(request)
-        return batch
+            target = self.engine.engine_for(request.version)
+            if not batch:
+                engine = target
+            if target is engine:
+                batch.append(request)
+            else:
+                others.append(request)
+        self._pending.extendleft(reversed(others))
+        return engine, batch
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[CompletionRequest]) -> None:
+    async def _run_batch(
+        self, loop: asyncio.AbstractEventLoop, engine: Engine, batch: list[CompletionRequest]
+    ) -> None:
         deliver = self._deliverer(loop)
         self._running = batch
         started = time.monotonic()
         try:
             await loop.run_in_executor(
-                self._executor, self.engine.run_batch, [(r, r.encoding) for r in batch], deliver
+                self._executor, engine.run_batch, [(r, r.encoding) for r in batch], deliver
             )
         finally:
             self._running = []
@@ -283,26 +301,42 @@ class BatchScheduler:
             self.on_batch(served, seconds)
 
     def _decode_loop(self, deliver: Callable[[list[tuple[Any, Event]]], None]) -> int:
-        """On the generation thread: admit, step, until the batch is empty; returns the requests admitted."""
-        batch = self.engine.continuous
+        """On the generation thread: admit, step, until every batch is empty; returns the requests admitted.
+
+        With a candidate served there are two batches (one per engine, each over its own model copy
+        and cache); each iteration steps each busy one, so neither version waits for the other's rows.
+        Swaps run only once both are empty, so the engines cannot change under a running batch.
+        """
         served = 0
         try:
             while not self._closing.is_set():
                 if not self._jobs:  # a job (adapter swap) waits: admit nobody, let the rows in flight end
-                    served += self._admit(batch, deliver)
-                if batch.idle:
+                    served += self._admit(deliver)
+                busy = [engine.continuous for engine in self.engine.engines() if not engine.continuous.idle]
+                if not busy:
                     break
-                batch.step(deliver)
-                self._running = cast(list[CompletionRequest], batch.sources())  # the sources are our requests
+                for batch in busy:
+                    batch.step(deliver)
+                self._running = self._sources()
         finally:
-            self._running = cast(list[CompletionRequest], batch.sources())
+            self._running = self._sources()
         return served
 
-    def _admit(self, batch: ContinuousBatch, deliver: Callable[[list[tuple[Any, Event]]], None]) -> int:
-        """Move waiting requests into free slots (generation thread); returns how many were admitted."""
+    def _sources(self) -> list[CompletionRequest]:
+        # The sources are our requests.
+        return cast(
+            list[CompletionRequest],
+            [s for engine in self.engine.engines() for s in engine.continuous.sources()],
+        )
+
+    def _admit(self, deliver: Callable[[list[tuple[Any, Event]]], None]) -> int:
+        """Move waiting requests into free slots of their engine's batch (generation thread); returns how many.
+
+        Oldest first, as one queue: a request whose batch is full waits, and so do those behind it.
+        """
         admitted = 0
-        room = min(self.max_batch, batch.max_rows or self.max_batch)
-        while len(batch) < room:
+        in_batches = sum(len(engine.continuous) for engine in self.engine.engines())
+        while in_batches < self.max_batch:
             try:
                 request = self._pending.popleft()  # deques are thread-safe; submit() appends on the loop
             except IndexError:
@@ -311,20 +345,26 @@ class BatchScheduler:
             # Its client left or gave up while it waited: the route has already answered.
             if request.cancelled or request.deadline <= now:
                 continue
+            engine = self.engine.engine_for(request.version)
+            batch = engine.continuous
+            if len(batch) >= min(self.max_batch, batch.max_rows or self.max_batch):
+                self._pending.appendleft(request)
+                break
             if not batch.fits(request.encoding, request.params.max_tokens):
                 if not batch.idle:  # too long for the fast path's slots: it runs alone once they are empty
                     self._pending.appendleft(request)
                     break
                 log.info("%s fits no fast-path slot: generated alone with plain generate", request.id)
                 request.started_at = now
-                self.engine.run_batch([(request, request.encoding)], deliver)
+                engine.run_batch([(request, request.encoding)], deliver)
                 admitted += 1
                 continue
             request.started_at = now
             batch.admit(request, request.encoding)
             admitted += 1
+            in_batches += 1
         if admitted:
-            self._running = cast(list[CompletionRequest], batch.sources())
+            self._running = self._sources()
         return admitted
 
     async def _run_job(self, job: _Job) -> None:

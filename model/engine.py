@@ -79,6 +79,8 @@ class Engine:
             if marker
         )
         self._adapters = MergedAdapters(self.model, base_model_id=name)
+        # The canary candidate: a second engine around its own copy of the model (see `load_candidate`).
+        self.candidate: Engine | None = None
         # Opt-in (SMOLCORD_FAST_PATH): static caches, buckets and compiled decoding, see model/fastpath.py.
         self.fast_path: FastPath | None = None
         self._continuous: ContinuousBatch | None = None
@@ -203,6 +205,103 @@ class Engine:
         version = registry.current()
         if version != before:
             self.load_adapter(registry.path(version) if version else None, version=version)
+        return before, version
+
+    # ------------------------------------------------------------------ the canary candidate
+
+    @property
+    def candidate_version(self) -> str | None:
+        """The version the candidate copy serves (None: no candidate)."""
+        return self.candidate.adapter_version if self.candidate is not None else None
+
+    def engines(self) -> list[Engine]:
+        """The engines serving now: this one (current) first, then the candidate's."""
+        return [self] if self.candidate is None else [self, self.candidate]
+
+    def engine_for(self, version: str | None) -> Engine:
+        """The engine serving `version`: the candidate's when it serves it (and current does not), else this one.
+
+        Resolved when a request starts, not when it arrives: a request for a candidate dropped or
+        promoted meanwhile is answered by current, and its response's `model` says so.
+        """
+        candidate = self.candidate
+        if (
+            candidate is not None
+            and version is not None
+            and version == candidate.adapter_version
+            and version != self.adapter_version
+        ):
+            return candidate
+        return self
+
+    def load_candidate(self, path: Path | None, *, version: str | None) -> None:
+        """Serve this adapter as the candidate, beside current (None: drop it). Generation thread only.
+
+        The candidate is a second engine around a full copy of the model, made from this one's
+        weights with their pristine base written back (nothing is read from the hub or the checkpoint
+        again); its adapter is merged into the copy like current's. Replacing it re-merges into the
+        same copy; dropping it frees the copy. AdapterError leaves the candidate as it was.
+        """
+        if path is None:
+            if self.candidate is not None:
+                log.info("candidate %s dropped", self.candidate.adapter_version)
+            self.candidate = None
+            return
+        if self.candidate is not None:
+            self.candidate.load_adapter(path, version=version)
+            return
+        if self.fast_path is not None:
+            # Its own fast path would need its own compiled graphs and warm-up (an exclusive job that
+            # stalls every request for as long as it compiles) and its own share of the KV budget,
+            # all for a minority of the traffic: see docs/architecture.md, "Two versions at once".
+            log.info(
+                "fast path: candidate %s runs the plain path (eager, own growing cache), not compiled",
+                version,
+            )
+        started = time.perf_counter()
+        candidate = Engine(self._base_copy(), self.processor, name=self.name)
+        candidate.created = self.created
+        candidate.load_adapter(path, version=version)  # AdapterError: the copy is dropped with it
+        self.candidate = candidate
+        log.info(
+            "candidate %s served beside %s (copy of %.0f MB, %.1f s)",
+            version,
+            self.adapter_version or "base",
+            _parameter_bytes(candidate.model) / 2**20,
+            time.perf_counter() - started,
+        )
+
+    def _base_copy(self) -> Any:
+        """A copy of the model holding the base weights: built from the config, then every tensor copied.
+
+        Not `copy.deepcopy`: whatever generate or the fast path attached to the model (compiled
+        callables, caches) would be copied too, or refuse to be.
+        """
+        model = self.model
+        with torch.device("meta"):
+            clone = type(model)._from_config(copy.deepcopy(model.config), dtype=model.dtype)
+        clone.to_empty(device=self.device)
+        with torch.no_grad():
+            own = dict(clone.named_parameters(remove_duplicate=False))
+            for name, param in model.named_parameters(remove_duplicate=False):
+                own[name].copy_(param)
+            buffers = dict(clone.named_buffers(remove_duplicate=False))
+            for name, buffer in model.named_buffers(remove_duplicate=False):
+                buffers[name].copy_(buffer)
+        self._adapters.base_weights(clone)
+        clone.generation_config = copy.deepcopy(model.generation_config)
+        return clone.eval()
+
+    def serve_registry_candidate(self, registry: AdapterRegistry) -> tuple[str | None, str | None]:
+        """Serve what the registry's `candidate` names now (None: no candidate); returns (before, after).
+
+        Generation thread only; read inside the exclusive job, as `serve_registry_current` reads `current`.
+        RegistryError and AdapterError (candidate unchanged) propagate.
+        """
+        before = self.candidate_version
+        version = registry.candidate()
+        if version != before:
+            self.load_candidate(registry.path(version) if version else None, version=version)
         return before, version
 
     # ------------------------------------------------------------------ prompts
@@ -347,6 +446,10 @@ class Engine:
             streamer.fail_all(f"generation failed: {type(exc).__name__}")
         else:
             streamer.close_all("length")
+
+
+def _parameter_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -18,6 +18,7 @@ from aiohttp import web
 from model.adapters import AdapterError
 from model.batching import CompletionRequest, QueueFull
 from model.chat import ChatRequest, encode_chat, parse_chat_request
+from model.engine import Engine
 from model.errors import APIError, Handler
 from model.generation import Completion, Encoding, Event, Failed, TextDelta
 from model.keys import (
@@ -30,7 +31,7 @@ from model.keys import (
     settings_key,
 )
 from model.metrics import CONTENT_TYPE_LATEST
-from smolcord.registry import RegistryError
+from smolcord.registry import AdapterRegistry, RegistryError
 
 __all__ = ["auth_middleware", "metrics_middleware", "setup_routes"]
 
@@ -96,6 +97,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             chat = parse_chat_request(
                 body, max_tokens_cap=settings.max_tokens, max_images=settings.max_images
             )
+            version = _requested_version(body.get("model"), engine)
             with scheduler.admission():  # a queue place is held while the images are decoded
                 loop = asyncio.get_running_loop()
                 encoded = await loop.run_in_executor(app[encoder_key], encode_chat, engine, settings, chat)
@@ -108,6 +110,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     encoding=encoding,
                     params=chat.params(max_tokens),
                     deadline=started + settings.request_timeout_s,
+                    version=version,
                 )
                 scheduler.submit(pending)
     except QueueFull as exc:
@@ -136,6 +139,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     finally:
         pending.cancel()  # a no-op once finished; otherwise frees the row at the next step
         app[metrics_key].latency.observe(time.monotonic() - started)
+
+
+def _requested_version(model: Any, engine: Engine) -> str | None:
+    """The adapter version a request's `model` asks for (None: current); 404 for a version not served.
+
+    `<base>:<version>` names current's or the candidate's version (`<base>:base` current when it
+    serves no adapter); the bare base name, none, or a name that is not this base's (clients that
+    always send one, as before) get current.
+    """
+    if not isinstance(model, str) or not model.startswith(f"{engine.name}:"):
+        return None
+    version = model.removeprefix(f"{engine.name}:")
+    if version == (engine.adapter_version or "base"):
+        return None
+    if version == engine.candidate_version:
+        return version
+    served = ", ".join(_served_names(engine))
+    raise APIError(
+        404, f"The model {model!r} is not served here; this worker serves {served}.", code="model_not_found"
+    )
+
+
+def _served_names(engine: Engine) -> list[str]:
+    return [e.served_name for e in engine.engines()]
 
 
 def _busy(retry_after: int) -> APIError:
@@ -324,20 +351,21 @@ async def _send(response: web.StreamResponse, data: dict[str, Any]) -> None:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """The served model and its context length: answering at all means the worker is ready."""
+    """The served versions (current first, then the candidate) and the context length: answering means ready."""
     engine = request.app[engine_key]
     return web.json_response(
         {
             "object": "list",
             "data": [
                 {
-                    "id": engine.served_name,
+                    "id": served.served_name,
                     "object": "model",
-                    "created": engine.created,
+                    "created": served.created,
                     "owned_by": "smolcord",
                     "root": engine.name,
                     "max_model_len": engine.max_model_len,
                 }
+                for served in engine.engines()
             ],
         }
     )
@@ -351,6 +379,7 @@ async def health(request: web.Request) -> web.Response:
             "model": engine.served_name,
             "base_model": engine.name,
             "adapter": engine.adapter_version,
+            "candidate": engine.candidate_version,
             "device": str(engine.device),
             "queue_depth": scheduler.queue_depth,
             "in_flight": scheduler.in_flight,
@@ -408,47 +437,67 @@ def _is_loopback(remote: str | None) -> bool:
 
 
 async def load_adapter(request: web.Request) -> web.Response:
-    """Serve what the registry's `current` names (or the base); 409 when that is not the version sent."""
+    """Serve what the registry names for a slot: `current` (or the base), or `candidate` (or none); 409 when that is not the version sent."""
     _check_admin(request)
     async with request.app[bodies_key].json(request) as body:
         if not isinstance(body, dict) or "version" not in body:
             raise APIError(
-                400, 'Send {"version": "v3"} ("base" or null for no adapter).', code="invalid_request"
+                400,
+                'Send {"version": "v3"} ("base" or null for no adapter), and "slot": "candidate" for the canary.',
+                code="invalid_request",
             )
-        wanted = body["version"]
+        wanted, slot = body["version"], body.get("slot", "current")
     if wanted is not None and not isinstance(wanted, str):
         raise APIError(400, "version must be a string or null.", code="invalid_value")
+    if slot not in ("current", "candidate"):
+        raise APIError(400, 'slot must be "current" or "candidate".', code="invalid_value")
     wanted = None if wanted in (None, "", "base") else wanted
 
     app = request.app
     engine, registry = app[engine_key], app[registry_key]
-    # `current` is read inside the exclusive job (the swap itself), not here: a rollback between a
-    # read here and the job would leave the worker serving what `current` no longer names.
+    # The registry entry is read inside the exclusive job (the swap itself), not here: a rollback
+    # between a read here and the job would leave the worker serving what it no longer names.
+    swap = engine.serve_registry_candidate if slot == "candidate" else engine.serve_registry_current
     try:
-        before, current = await app[scheduler_key].run_exclusive(
-            functools.partial(engine.serve_registry_current, registry)
-        )
+        before, now = await app[scheduler_key].run_exclusive(functools.partial(swap, registry))
     except RegistryError as exc:
         log.error("adapter registry unreadable: %s", exc)
         raise APIError(500, "The adapter registry could not be read.", code="registry_error") from None
     except AdapterError as exc:
-        log.error(
-            "the registry's current adapter was refused (%s); still serving %s", exc, engine.served_name
-        )
+        log.error("the registry's %s adapter was refused (%s); serving %s", slot, exc, _served_names(engine))
         raise APIError(
             422,
-            f"The registry's current adapter was refused: {exc}. Still serving {engine.served_name}.",
+            f"The registry's {slot} adapter was refused: {exc}. Still serving {', '.join(_served_names(engine))}.",
             code="adapter_refused",
         ) from None
-    if current != before:
-        app[metrics_key].set_adapter(engine.adapter_version)
-        log.info("adapter swapped: %s -> %s", before or "base", current or "base")
+    if slot == "current" and engine.candidate is not None:
+        # A promotion or rollback ended the canary: a candidate the registry no longer names goes too.
+        try:
+            await app[scheduler_key].run_exclusive(functools.partial(_drop_stale_candidate, engine, registry))
+        except RegistryError as exc:
+            log.error("adapter registry unreadable: %s (candidate kept)", exc)
+    if now != before:
+        if slot == "current":
+            app[metrics_key].set_adapter(engine.adapter_version)
+        log.info("%s adapter swapped: %s -> %s", slot, before or "none", now or "none")
 
-    if current != wanted:
+    if now != wanted:
         raise APIError(
             409,
-            f"The registry's current adapter is {current or 'base'}, not {wanted or 'base'}; "
-            f"serving {engine.served_name}.",
+            f"The registry's {slot} adapter is {now or 'none'}, not {wanted or 'none'}; "
+            f"serving {', '.join(_served_names(engine))}.",
             code="version_mismatch",
         )
-    return web.json_response({"version": current or "base", "model": engine.served_name})
+    return web.json_response(
+        {
+            "version": (now or "base") if slot == "current" else now,
+            "model": engine.served_name if slot == "current" else engine.engine_for(now).served_name,
+            "candidate": engine.candidate_version,
+        }
+    )
+
+
+def _drop_stale_candidate(engine: Engine, registry: AdapterRegistry) -> None:
+    """Drop the candidate when the registry's `candidate` no longer names it (generation thread)."""
+    if engine.candidate is not None and registry.candidate() != engine.candidate_version:
+        engine.load_candidate(None, version=None)

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 _VERSION = re.compile(r"v[1-9][0-9]*")
 _TMP_PREFIX = ".tmp-"
 CURRENT = "current"
+CANDIDATE = "candidate"  # the version in canary (owned by the canary functions)
 METRICS = "metrics.json"
 LOCK_NAME = "registry.lock"
 _SEQUENCE = ".last-version"  # highest number ever committed, so a pruned or deleted number is never reused
@@ -112,6 +113,22 @@ class AdapterRegistry:
         folder = self.root / target
         if not _VERSION.fullmatch(target) or folder.is_symlink() or not folder.is_dir():
             log.warning("adapters/current points at %r, which is not a version: serving the base", target)
+            return None
+        return target
+
+    def candidate(self) -> str | None:
+        """The version in canary, served beside `current` (None: no `candidate`, or one naming no version)."""
+        try:
+            target = os.readlink(self.root / CANDIDATE)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # a plain file or folder: not ours
+                raise RegistryError(f"{self.root / CANDIDATE} is not a symlink") from None
+            raise
+        folder = self.root / target
+        if not _VERSION.fullmatch(target) or folder.is_symlink() or not folder.is_dir():
+            log.warning("adapters/candidate points at %r, which is not a version: no candidate", target)
             return None
         return target
 

@@ -114,13 +114,18 @@ class WorkerClient:
         """GET /health: status, model, adapter, queue depth, in flight."""
         return dict(await self._request("GET", "/health"))
 
-    async def load_adapter(self, version: str | None) -> dict[str, Any]:
-        """Ask the worker to serve the registry's current adapter, expected to be `version` (None: the base).
+    async def load_adapter(self, version: str | None, *, slot: str = "current") -> dict[str, Any]:
+        """Ask the worker to serve the registry's adapter for `slot`, expected to be `version`.
 
-        409 (it serves something else), 422 (it refused the adapter) and 404 (a backend without
-        adapter endpoints) arrive as WorkerError with that status.
+        slot "current": None is the base; slot "candidate" (the canary, served beside current): None
+        drops it. 409 (the registry names something else), 422 (it refused the adapter) and 404 (a
+        backend without adapter endpoints) arrive as WorkerError with that status.
         """
-        return dict(await self._request("POST", "/v1/adapters/load", {"version": version or "base"}))
+        if slot == "candidate":
+            body: dict[str, Any] = {"version": version, "slot": "candidate"}
+        else:
+            body = {"version": version or "base"}
+        return dict(await self._request("POST", "/v1/adapters/load", body))
 
     async def chat(
         self,

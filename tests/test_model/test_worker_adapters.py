@@ -89,7 +89,11 @@ async def test_serves_what_the_registry_names_and_swaps_between_batches(
     version = publish(registry, adapters["lora"])
     loaded = await worker.post(LOAD, json={"version": version})
     assert loaded.status == 200, await loaded.text()
-    assert (await loaded.json()) == {"version": version, "model": f"{engine.name}:{version}"}
+    assert (await loaded.json()) == {
+        "version": version,
+        "model": f"{engine.name}:{version}",
+        "candidate": None,
+    }
     tuned = await greedy(worker)
     assert tuned["model"] == f"{engine.name}:{version}"
     body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "stream": True}

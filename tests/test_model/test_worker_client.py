@@ -74,6 +74,10 @@ async def test_worker_errors_are_typed(make_worker: Any, slow_decoding: None) ->
         await client.load_adapter("v1")  # the registry is empty: the worker serves the base
     assert mismatch.value.status == 409
     assert (await client.load_adapter(None))["version"] == "base"
+    with pytest.raises(WorkerError) as no_canary:
+        await client.load_adapter("v1", slot="candidate")  # the registry names no candidate
+    assert no_canary.value.status == 409
+    assert (await client.load_adapter(None, slot="candidate"))["candidate"] is None
 
 
 async def test_busy_worker_is_worker_busy_with_its_hint(aiohttp_client: Any) -> None:
