@@ -35,7 +35,8 @@ from bot.conversation import (
 from bot.display import Destination, Display
 from bot.limits import ChannelPacer, Cooldown, InflightLimit
 from bot.recent_answers import RecentAnswers
-from bot.text import CURSOR, footer, served_version, split_message
+from bot.rollout import CanaryRouter
+from bot.text import CURSOR, base_name, footer, served_version, split_message
 from feedback.store import consent as consent_service
 from feedback.store import deletion as deletion_service
 from feedback.store import images as images_service
@@ -43,6 +44,7 @@ from feedback.store import prompts as prompts_service
 from feedback.store import responses as responses_service
 from feedback.store.errors import FeedbackError
 from feedback.store.votes import REGENERATE, THUMBS_DOWN, THUMBS_UP
+from smolcord.registry import AdapterRegistry
 from smolcord.settings import Settings
 from smolcord.worker_client import (
     ChatResult,
@@ -129,10 +131,16 @@ class Answerer:
         settings: Settings,
         sessions: async_sessionmaker[AsyncSession],
         worker: WorkerClient,
+        router: CanaryRouter | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.worker = worker
+        # Which version answers whom while a candidate is in canary (bot.rollout).
+        self.router = router or CanaryRouter(
+            settings, AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir), sessions
+        )
+        self._base_name: str | None = None
         self._client: discord.Client | None = None
         self.pacer = ChannelPacer(EDIT_INTERVAL_S)
         self.cooldown = Cooldown(self.settings.cooldown_s)
@@ -194,7 +202,16 @@ class Answerer:
             except WorkerError:
                 return None
             self._max_model_len = int(info.get("max_model_len") or 0) or None
+            self._base_name = base_name(self.settings.worker_model or str(info.get("id") or ""))
         return self._max_model_len
+
+    async def _model(self, version: str | None) -> str | None:
+        """The request's `model` that asks for `version` (None: the worker's current)."""
+        if version is None:
+            return None
+        if self._base_name is None:
+            await self.max_model_len()
+        return self.router.model(self._base_name, version)
 
     def _measure_images(self, messages_text: str, images: int, prompt_tokens: int) -> None:
         """Learn what an image costs in tokens from an answer's usage (the largest cost seen wins)."""
@@ -233,11 +250,12 @@ class Answerer:
             max_model_len=await self.max_model_len(),
         )
         sampling = Sampling(max_tokens=settings.max_tokens)
+        model = await self._model(await self.router.version_for(user_id=author_id, guild_id=guild_id))
         display = Display(destination, self.pacer)
         while True:
             asked = question.with_history(history)
             try:
-                result, latency_ms = await self._generate(display, asked, sampling)
+                result, latency_ms = await self._generate(display, asked, sampling, model)
                 break
             except WorkerError as exc:
                 if is_context_error(exc) and history and not display.messages:
@@ -287,8 +305,13 @@ class Answerer:
         *,
         user_id: int,
         seed: int | None = None,
+        version: str | None = None,
     ) -> Answer | None:
-        """Another answer to a stored prompt (same images, question and history), sampled with a new seed."""
+        """Another answer to a stored prompt (same images, question and history), sampled with a new seed.
+
+        `version` is the replaced answer's adapter version: a canary arm's answers are replaced by
+        that arm's while it is served.
+        """
         settings = self.settings
         question = Question(
             text=prompt.question,
@@ -302,9 +325,10 @@ class Answerer:
             seed=seed if seed is not None else random.randrange(2**31),
             max_tokens=settings.max_tokens,
         )
+        model = await self._model(self.router.replacing(version))
         display = Display(destination, self.pacer)
         try:
-            result, latency_ms = await self._generate(display, question, sampling)
+            result, latency_ms = await self._generate(display, question, sampling, model)
         except (WorkerError, OSError) as exc:  # OSError: a stored image file is gone
             log.info("regeneration for prompt %s failed: %s", prompt.id, type(exc).__name__)
             text = (
@@ -328,7 +352,7 @@ class Answerer:
     # ------------------------------------------------------------------ streaming
 
     async def _generate(
-        self, display: Display, question: Question, sampling: Sampling
+        self, display: Display, question: Question, sampling: Sampling, model: str | None = None
     ) -> tuple[ChatResult, float]:
         """Stream one answer into `display`; raises WorkerError (then `display` may show partial text)."""
         messages = await worker_messages(question)
@@ -345,6 +369,7 @@ class Answerer:
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
                     seed=sampling.seed,
+                    model=model,
                 ):
                     if isinstance(item, str):
                         parts.append(item)

@@ -29,6 +29,11 @@ def served_version(model: str) -> str:
     return version if sep and re.fullmatch(r"v[1-9][0-9]*", version) else "base"
 
 
+def base_name(model: str) -> str:
+    """The base model's name from a served model's (`<base>:<version>` or `<base>`)."""
+    return model.rpartition(":")[0] if served_version(model) != "base" else model
+
+
 def _blocks(text: str) -> list[str]:
     """Paragraphs, with each fenced code block kept whole as one block."""
     blocks: list[str] = []

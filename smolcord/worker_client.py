@@ -136,11 +136,12 @@ class WorkerClient:
         top_p: float = 1.0,
         seed: int | None = None,
         extra_body: dict[str, Any] | None = None,
+        model: str | None = None,
     ) -> ChatResult:
         """One answer, not streamed. `extra_body` fields are sent as they are (vLLM's `ignore_eos`, say)."""
         body = _chat_body(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        if self.model:
-            body["model"] = self.model
+        if model or self.model:  # a call's own `model` (a canary arm, `<base>:<version>`) wins
+            body["model"] = model or self.model
         body.update(extra_body or {})
         data = await self._request("POST", "/v1/chat/completions", body)
         try:
@@ -163,6 +164,7 @@ class WorkerClient:
         top_p: float = 1.0,
         seed: int | None = None,
         extra_body: dict[str, Any] | None = None,
+        model: str | None = None,
     ) -> AsyncIterator[str | ChatResult]:
         """Text deltas as they are generated (str), then one ChatResult with the whole text.
 
@@ -170,8 +172,8 @@ class WorkerClient:
         generating for it.
         """
         body = _chat_body(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        if self.model:
-            body["model"] = self.model
+        if model or self.model:  # a call's own `model` (a canary arm, `<base>:<version>`) wins
+            body["model"] = model or self.model
         body.update(extra_body or {})
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

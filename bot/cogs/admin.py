@@ -1,4 +1,4 @@
-"""`/smolcord status|retrain|rollback|sync`: running the bot, for its owner and SMOLCORD_ADMIN_IDS only."""
+"""`/smolcord status|retrain|rollback|sync|canary`: running the bot, for its owner and SMOLCORD_ADMIN_IDS only."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from discord.ext import commands
 
 from bot.checks import require_bot_admin, require_owner
 from bot.nightly import TrainingReadiness, next_nightly_run
+from bot.rollout import CanaryView, canary_view, conclude_canary
 from feedback.store import stats as stats_service
 from feedback.store.adapters import RollbackRefused, roll_back
 from smolcord.registry import RegistryError
@@ -35,6 +36,7 @@ class Admin(commands.Cog):
         description="Run smolcord: status, retraining, rollback, command sync (bot admins only)",
         default_permissions=discord.Permissions(administrator=True),
     )
+    canary = app_commands.Group(name="canary", description="Decide the running canary now", parent=smolcord)
 
     def __init__(self, bot: SmolcordBot) -> None:
         self.bot = bot
@@ -50,9 +52,18 @@ class Admin(commands.Cog):
     )
     async def status(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        health, stats = await asyncio.gather(self._worker_health(), self._stats())
+        health, stats, view = await asyncio.gather(self._worker_health(), self._stats(), self._canary())
         readiness = TrainingReadiness.of(stats, self.bot.settings)  # the pairs are counted once, in SQL
-        await interaction.followup.send(self._status_text(health, stats, readiness), ephemeral=True)
+        text = self._status_text(health, stats, readiness, view)
+        await interaction.followup.send(text, ephemeral=True)
+
+    async def _canary(self) -> CanaryView | str | None:
+        try:
+            return await canary_view(
+                settings=self.bot.settings, registry=self.bot.registry, sessions=self.bot.sessions
+            )
+        except RegistryError as exc:
+            return f"the registry is unreadable ({exc})"
 
     async def _worker_health(self) -> dict[str, Any] | str:
         try:
@@ -69,7 +80,11 @@ class Admin(commands.Cog):
             return await stats_service.store_stats(session, settings=self.bot.settings)
 
     def _status_text(
-        self, health: dict[str, Any] | str, stats: stats_service.StoreStats, readiness: TrainingReadiness
+        self,
+        health: dict[str, Any] | str,
+        stats: stats_service.StoreStats,
+        readiness: TrainingReadiness,
+        view: CanaryView | str | None = None,
     ) -> str:
         settings = self.bot.settings
         lines = ["**smolcord status**"]
@@ -89,6 +104,7 @@ class Admin(commands.Cog):
             )
         except RegistryError as exc:
             lines.append(f"Adapter: the registry is unreadable ({exc})")
+        lines.extend(canary_lines(view, settings))
         lines.append(
             f"Store: {stats.prompts} prompts ({stats.trainable_prompts} trainable), {stats.responses} answers, "
             f"{stats.votes} votes"
@@ -181,6 +197,37 @@ class Admin(commands.Cog):
             return str(exc)
         return done.describe()
 
+    # ------------------------------------------------------------------ canary
+
+    @canary.command(name="promote", description="Serve the canary's candidate to everyone now")
+    async def canary_promote(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await interaction.followup.send(await self._decide(interaction, "promote"), ephemeral=True)
+
+    @canary.command(name="abort", description="Drop the canary's candidate; everyone keeps current")
+    async def canary_abort(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await interaction.followup.send(await self._decide(interaction, "abort"), ephemeral=True)
+
+    async def _decide(self, interaction: discord.Interaction, decision: str) -> str:
+        view = await self._canary()
+        if not isinstance(view, CanaryView):
+            return f"No canary is running{f': {view}' if view else ''}."
+        log.info("canary %s: %s by user %s", view.candidate, decision, interaction.user.id)
+        outcome = await conclude_canary(
+            settings=self.bot.settings,
+            registry=self.bot.registry,
+            sessions=self.bot.sessions,
+            worker=self.bot.worker,
+            view=view,
+            decision=decision,
+            rule="admin",
+            reason=f"decided by an admin ({view.decision.reason})",
+            decided_by=interaction.user.id,
+        )
+        self.bot.answerer.router.forget()
+        return f"{outcome.message}\n{outcome.worker}"[:2000]
+
     # ------------------------------------------------------------------ sync
 
     @smolcord.command(name="sync", description="Register the slash commands with Discord again")
@@ -203,6 +250,33 @@ class Admin(commands.Cog):
 
     def _training(self) -> Training | None:
         return self.bot.get_cog("Training")  # type: ignore[return-value]
+
+
+def canary_lines(view: CanaryView | str | None, settings: Any) -> list[str]:
+    """Both arms of a running canary for /smolcord status: versions, rated answers, 👍 share and
+    its interval, and what the decision waits for."""
+    if view is None:
+        return [f"Canary: none running (SMOLCORD_CANARY {'on' if settings.canary else 'off'})"]
+    if isinstance(view, str):
+        return [f"Canary: {view}"]
+    numbers = view.decision.numbers
+    lines = [
+        f"Canary: **{view.candidate}** for {settings.canary_share:.0%} of users in servers learning, "
+        f"against {view.current or 'the base model'}, since <t:{int(view.started_at.timestamp())}:R>"
+    ]
+    for label, arm, key in (
+        ("candidate", view.candidate_arm, "candidate"),
+        ("current", view.current_arm, "current"),
+    ):
+        interval = numbers.get(key, {}).get("interval")
+        spread = f" [{interval[0]:.0%}–{interval[1]:.0%}]" if interval else ""
+        share = f"{arm.share:.0%}{spread}" if arm.share is not None else "n/a"
+        lines.append(
+            f"  {label} {arm.version or 'base'}: {arm.rated} rated answers "
+            f"(needs {settings.canary_min_rated}), 👍 {share}"
+        )
+    lines.append(f"  Decision: {view.decision.decision} ({view.decision.rule}): {view.decision.reason}")
+    return lines
 
 
 async def setup(bot: SmolcordBot) -> None:

@@ -12,6 +12,7 @@ import discord
 from discord.ext import commands, tasks
 
 from bot.nightly import nightly_time, should_train, training_readiness
+from bot.rollout import RolloutOutcome, decide_canary
 from bot.training_runner import RunInProgress, RunResult, TrainingProgress, TrainingRunner
 from feedback.store.deletion import purge_expired
 from smolcord.registry import RegistryError
@@ -84,6 +85,7 @@ class Training(commands.Cog):
     def __init__(self, bot: SmolcordBot) -> None:
         self.bot = bot
         self.runner = TrainingRunner(bot.settings)
+        self.last_canary: RolloutOutcome | None = None  # the nightly run's last canary decision
         self._tasks: set[asyncio.Task[Any]] = set()
         self._purge_work: asyncio.Future[int] | None = None
 
@@ -123,6 +125,20 @@ class Training(commands.Cog):
             if self.runner.busy:
                 log.info("nightly run skipped: a run started from Discord is still going")
                 return None
+            # A running canary is decided first: until its live votes decide, nothing new is trained.
+            canary = await decide_canary(
+                settings=self.bot.settings,
+                registry=self.bot.registry,
+                sessions=self.bot.sessions,
+                worker=self.bot.worker,
+            )
+            if canary is not None:
+                self.bot.answerer.router.forget()
+                self.last_canary = canary
+                if canary.decision == "waiting":
+                    log.info("nightly run skipped: the canary of %s is waiting", canary.candidate)
+                    return None
+                log.info("nightly canary decision: %s", canary.message)
             readiness = await training_readiness(self.bot.sessions, self.bot.settings)
             go, why = should_train(readiness)
             if not go:

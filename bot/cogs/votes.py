@@ -191,7 +191,9 @@ class Votes(commands.Cog):
                     with contextlib.suppress(discord.HTTPException):
                         await destination.post(busy, first=True)
                     return
-                await self.answerer.regenerate(destination, prompt, user_id=user_id)
+                await self.answerer.regenerate(
+                    destination, prompt, user_id=user_id, version=response.adapter_version
+                )
         except discord.HTTPException as exc:
             log.warning("could not post another answer in channel %s (%s)", response.channel_id, exc.status)
 

@@ -31,7 +31,7 @@ same examples on its own device (feedback.training.distributed). Other ranks exi
 process's early-exit code, or 0 after training, and print nothing on stdout.
 
 Exit codes (also the final JSON line's "exit_code"):
-    0  promoted, or --dry-run printed what it would train on
+    0  promoted (or, with SMOLCORD_CANARY=on, put in canary), or --dry-run printed what it would train on
     1  failed: an error (nothing promoted, no half-written version)
     2  bad usage or settings
     3  rejected: the candidate is kept as a rejected version with its metrics; current unchanged
@@ -42,7 +42,7 @@ Exit codes (also the final JSON line's "exit_code"):
 --progress json: stdout carries JSON lines only (logs go to stderr):
     {"step": 3, "total": 24, "loss": 0.6812}          after every optimizer step
     {"verdict": "promoted", "exit_code": 0, "message": "...", "version": "v4", "current": "v4", ...}
-The last line always has "verdict": promoted | rejected | skipped | dry-run | already-running |
+The last line always has "verdict": promoted | canary | rejected | skipped | dry-run | already-running |
 no-gpu-memory | failed, with "exit_code" and "message"; after training also "report" (the PNG),
 "heldout_accuracy", "current_accuracy", "heldout_pairs" and "worker".
 """
@@ -250,6 +250,14 @@ def _load_and_decide(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_to_head(settings.db_url)
     store.close_stale_runs()
+    from smolcord.registry import AdapterRegistry
+
+    # One candidate at a time: while live votes judge a canary, nothing new is trained, forced or not
+    # (an admin who wants one now ends the canary first: /smolcord canary promote|abort).
+    in_canary = AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir).candidate()
+    if in_canary is not None and not args.dry_run:
+        message = f"{in_canary} is in canary: no new candidate until live votes decide (/smolcord canary)"
+        return 0, {"exit": out.finish(EXIT_TOO_FEW, "skipped", message, canary=in_canary)}
     limit = hp.max_length or plan_limit(settings.model)
     data = load_training_data(store, settings, method=args.method, processor=processor, limit=limit)
     summary = data.summary()
@@ -290,13 +298,17 @@ def conclude_run(
     store.finish_run(
         run_id=run_id, status="succeeded", metrics=outcome.metrics, adapter_version=outcome.version
     )
-    worker = (
-        tell_worker(settings, registry.current()) if outcome.promoted else "not told: nothing new to serve"
-    )
+    if outcome.promoted:
+        worker = tell_worker(settings, registry.current())
+    elif outcome.canary:
+        worker = tell_worker(settings, outcome.version, slot="candidate")
+    else:
+        worker = "not told: nothing new to serve"
     removed = registry.prune(settings.keep_versions)
+    verdict = "promoted" if outcome.promoted else "canary" if outcome.canary else "rejected"
     return out.finish(
-        EXIT_PROMOTED if outcome.promoted else EXIT_REJECTED,
-        "promoted" if outcome.promoted else "rejected",
+        EXIT_PROMOTED if outcome.promoted or outcome.canary else EXIT_REJECTED,
+        verdict,
         outcome.message, version=outcome.version, current=registry.current(), report=str(outcome.report),
         heldout_accuracy=outcome.metrics.get("heldout_accuracy"), heldout_pairs=outcome.metrics.get("heldout_pairs"),
         current_accuracy=outcome.metrics["current"].get("heldout_accuracy"), worker=worker, pruned=removed,

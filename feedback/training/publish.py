@@ -27,6 +27,7 @@ class Outcome:
     message: str
     metrics: dict[str, Any]
     report: Path
+    canary: bool = False  # passed the gate and serves a share of users first (SMOLCORD_CANARY)
 
 
 def publish_candidate(
@@ -85,16 +86,27 @@ def publish_candidate(
     version = str(staged.version)
     metrics = dict(staged.metrics)
     promoted = verdict.promote
+    canary = promoted and settings.canary and not force
     message = f"{version}: " + "; ".join(verdict.reasons)
     if promoted:
         try:
-            registry.promote(version, expected_current=current)
-            metrics = registry.mark(version, status="promoted")
+            if canary:
+                # Passing the offline gate earns a canary, not everyone: live votes decide (bot.rollout).
+                registry.start_canary(version, expected_current=current)
+                metrics = registry.mark(version, status="canary")
+                promoted = False
+                message += f"; in canary for {settings.canary_share:.0%} of users until live votes decide"
+            else:
+                registry.promote(version, expected_current=current)
+                metrics = registry.mark(version, status="promoted")
         except RegistryConflict as exc:
             metrics = registry.mark(version, status="rejected", reason=str(exc))
-            promoted, message = False, f"{version}: {exc}"
-    store.record_adapter(version=version, run_id=run_id, metrics=metrics, promoted=promoted)
-    return Outcome(version, promoted, message, metrics, registry.path(version) / report.name)
+            promoted, canary, message = False, False, f"{version}: {exc}"
+    if canary:
+        store.record_canary(version=version, run_id=run_id, metrics=metrics, current=current)
+    else:
+        store.record_adapter(version=version, run_id=run_id, metrics=metrics, promoted=promoted)
+    return Outcome(version, promoted, message, metrics, registry.path(version) / report.name, canary)
 
 
 def candidate_metrics(
@@ -138,7 +150,7 @@ def candidate_metrics(
     }
 
 
-def tell_worker(settings: Settings, version: str | None) -> str:
+def tell_worker(settings: Settings, version: str | None, *, slot: str = "current") -> str:
     """POST /v1/adapters/load; a worker that is down picks `current` up when it starts, so that is fine."""
     import asyncio
 
@@ -149,7 +161,9 @@ def tell_worker(settings: Settings, version: str | None) -> str:
     async def call() -> str:
         token = settings.worker_token.get_secret_value() if settings.worker_token else None
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-            await WorkerClient(session, settings.worker_url, token=token).load_adapter(version)
+            await WorkerClient(session, settings.worker_url, token=token).load_adapter(version, slot=slot)
+        if slot == "candidate":
+            return f"the worker serves {version} beside current now"
         return f"the worker serves {version or 'the base model'} now"
 
     try:

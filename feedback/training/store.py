@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from feedback.store import adapters as adapters_service
+from feedback.store import canary as canary_service
 from feedback.store import runs as runs_service
 
 if TYPE_CHECKING:
@@ -134,6 +135,19 @@ class JobStore:
         if promoted:
             return self._call(lambda s: adapters_service.promote_adapter(s, version=version))
         return self._call(lambda s: adapters_service.reject_adapter(s, version=version))
+
+    def record_canary(
+        self, *, version: str, run_id: int | None, metrics: Mapping[str, Any], current: str | None
+    ) -> None:
+        """Record a new version that passed the gate and went into canary beside `current`."""
+        self._call(
+            lambda s: adapters_service.record_adapter(s, version=version, run_id=run_id, metrics=metrics)
+        )
+        self._call(
+            lambda s: canary_service.start_canary(
+                s, candidate=version, current=current, share=self.settings.canary_share
+            )
+        )
 
     def list_adapters(self) -> list[AdapterRecord]:
         """Every recorded version, oldest first."""
