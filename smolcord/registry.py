@@ -5,6 +5,8 @@ Layout::
     adapters/
       v1/  v2/  v3/          peft adapter folders, each with metrics.json
       current -> v3          relative symlink to the served version (absent: the base model)
+      candidate -> v4        relative symlink to the version in canary (absent: no canary)
+      canary.json            the canary's record: candidate, current when it began, when it began
       .tmp-<pid>-<random>    a version being written, a symlink being swapped, a version being removed
       registry.lock          the short registry lock (unless locks_dir is given)
 
@@ -12,6 +14,14 @@ Every change that readers can see is one atomic rename: a version is written und
 name and renamed into place, `current` is replaced with `os.replace`, a version is renamed away
 before it is deleted. Readers (the worker, `smolcord adapters list`) take no lock and never see a
 half-written version or a missing `current` during a swap.
+
+A canary is the `candidate` symlink plus `canary.json`, changed together under the lock: started
+by writing canary.json and then the symlink, ended (promoted or aborted) by removing the symlink
+and then canary.json, and promoted by swapping `current` to the candidate first. So a writer that
+dies halfway leaves at worst a canary.json without its symlink, or a `candidate` naming what
+`current` names now: readers treat both as "no canary", and the next locked write tidies them.
+The symlink is what the worker serves; canary.json is what promotion checks (`current` must not
+have moved since the canary began).
 
 Writers take the short registry lock (`flock`, so the OS releases it when a holder dies). It is
 separate from the lock that keeps training runs one at a time: a run writes its version without
@@ -50,7 +60,8 @@ log = logging.getLogger(__name__)
 _VERSION = re.compile(r"v[1-9][0-9]*")
 _TMP_PREFIX = ".tmp-"
 CURRENT = "current"
-CANDIDATE = "candidate"  # the version in canary (owned by the canary functions)
+CANDIDATE = "candidate"
+CANARY_RECORD = "canary.json"
 METRICS = "metrics.json"
 LOCK_NAME = "registry.lock"
 _SEQUENCE = ".last-version"  # highest number ever committed, so a pruned or deleted number is never reused
@@ -81,7 +92,7 @@ class StagedVersion:
 
 
 class AdapterRegistry:
-    """Versions `v1`, `v2`, ... under `root`, and the `current` symlink naming the served one."""
+    """Versions `v1`, `v2`, ... under `root`, `current` naming the served one, `candidate` the one in canary."""
 
     def __init__(self, root: Path, *, locks_dir: Path | None = None, lock_timeout: float = 10.0) -> None:
         self.root = Path(root)
@@ -102,35 +113,27 @@ class AdapterRegistry:
 
     def current(self) -> str | None:
         """The served version, None for the base model (no `current`, or one naming no version)."""
-        try:
-            target = os.readlink(self.root / CURRENT)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:  # a plain file or folder: not ours
-                raise RegistryError(f"{self.root / CURRENT} is not a symlink") from None
-            raise
-        folder = self.root / target
-        if not _VERSION.fullmatch(target) or folder.is_symlink() or not folder.is_dir():
-            log.warning("adapters/current points at %r, which is not a version: serving the base", target)
-            return None
-        return target
+        return self._read_link(CURRENT)
 
     def candidate(self) -> str | None:
-        """The version in canary, served beside `current` (None: no `candidate`, or one naming no version)."""
-        try:
-            target = os.readlink(self.root / CANDIDATE)
-        except (FileNotFoundError, NotADirectoryError):
+        """The version in canary, None when no canary runs (no `candidate`, or one naming `current`'s version)."""
+        candidate = self._read_link(CANDIDATE)
+        if candidate is not None and candidate == self.current():
+            return None  # a promotion stopped between its two steps: it was promoted, the canary is over
+        return candidate
+
+    def canary(self) -> dict[str, Any] | None:
+        """The running canary: {"candidate", "current_at_start" (None: the base), "started_at" (ISO UTC)}, or None."""
+        candidate = self.candidate()
+        if candidate is None:
             return None
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:  # a plain file or folder: not ours
-                raise RegistryError(f"{self.root / CANDIDATE} is not a symlink") from None
-            raise
-        folder = self.root / target
-        if not _VERSION.fullmatch(target) or folder.is_symlink() or not folder.is_dir():
-            log.warning("adapters/candidate points at %r, which is not a version: no candidate", target)
+        record = self._canary_record()
+        if record is None or record.get("candidate") != candidate:
+            log.warning(
+                "adapters/candidate names %s but %s does not: no canary record", candidate, CANARY_RECORD
+            )
             return None
-        return target
+        return record
 
     def path(self, version: str) -> Path:
         """The folder of a complete version (the name is validated: nothing outside the registry)."""
@@ -231,12 +234,13 @@ class AdapterRegistry:
                     f"current is {actual or 'the base model'}, expected {expected_current or 'the base model'}: "
                     f"it moved since the gate ran, {version} is not promoted"
                 )
-            self._point_current_at(version)
+            self._point_link_at(CURRENT, version)
         log.info("adapter %s promoted (was %s)", version, expected_current or "base")
 
     def rollback(self, version: str | None = None) -> str | None:
         """Serve `version`, or by default the newest older version not marked rejected, or else the base.
 
+        A running canary is aborted first: a rollback says the newer versions are not wanted.
         Returns what is served now (None: the base model).
         """
         with self._locked():
@@ -249,19 +253,23 @@ class AdapterRegistry:
                 older = [v for v in self.versions() if _number(v) < limit]
                 usable = [v for v in older if self.metrics(v).get("status") != "rejected"]
                 target = usable[-1] if usable else None
-            self._point_current_at(target)
+            aborted = self._end_canary()  # before `current` moves: the candidate never outlives its baseline
+            self._point_link_at(CURRENT, target)
+        if aborted is not None:
+            log.info("canary of %s aborted by a rollback", aborted)
         log.info("adapters rolled back from %s to %s", before or "base", target or "base")
         return target
 
     def prune(self, keep: int) -> list[str]:
-        """Remove the oldest versions beyond the newest `keep`, never the current one; returns the removed."""
+        """Remove the oldest versions beyond the newest `keep`, never the current or the candidate; returns the removed."""
         if keep < 0:
             raise ValueError("keep must be >= 0")
         removed = []
         with self._locked():
-            served = self.current()
+            # the candidate's link is read raw: even one a dying promotion left behind keeps its version
+            served = {self.current(), self._read_link(CANDIDATE)}
             versions = self.versions()
-            doomed = [v for v in versions[: max(0, len(versions) - keep)] if v != served]
+            doomed = [v for v in versions[: max(0, len(versions) - keep)] if v not in served]
             for version in doomed:
                 # Rename first, so readers see the version either whole or gone, never half-deleted.
                 trash = self.root / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
@@ -273,6 +281,73 @@ class AdapterRegistry:
         if removed:
             log.info("adapters pruned: %s", ", ".join(removed))
         return removed
+
+    # -------------------------------------------------------------------------------- canary
+
+    def start_canary(self, version: str, *, expected_current: str | None) -> None:
+        """Put `version` in canary beside `current`, only if `current` is still `expected_current` and none runs."""
+        with self._locked():
+            self.path(version)
+            self._tidy_canary()
+            actual = self.current()
+            if actual != expected_current:
+                raise RegistryConflict(
+                    f"current is {actual or 'the base model'}, expected {expected_current or 'the base model'}: "
+                    f"it moved since the gate ran, {version} is not put in canary"
+                )
+            running = self.candidate()
+            if running is not None:
+                raise RegistryConflict(f"{running} is in canary already: one candidate at a time")
+            if version == actual:
+                raise RegistryConflict(f"{version} is served already")
+            record = {
+                "candidate": version,
+                "current_at_start": actual,
+                "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            # the record first: a writer dying before the link leaves a record readers ignore
+            _write_json(self.root / CANARY_RECORD, record)
+            self._point_link_at(CANDIDATE, version)
+        log.info("adapter %s in canary (current %s)", version, actual or "base")
+
+    def promote_candidate(self, version: str) -> None:
+        """Serve the candidate `version` to everyone and end its canary, only if `current` has not moved since it began."""
+        with self._locked():
+            self._tidy_canary()
+            running = self.candidate()
+            if running != version:
+                raise RegistryConflict(
+                    f"{version} is not in canary ({running or 'no canary runs'}): not promoted"
+                )
+            record = self._canary_record()
+            if record is None or record.get("candidate") != version:
+                raise RegistryConflict(f"{version} has no canary record: not promoted (abort the canary)")
+            before = record.get("current_at_start")
+            actual = self.current()
+            if actual != before:
+                raise RegistryConflict(
+                    f"current is {actual or 'the base model'}, but the canary of {version} began against "
+                    f"{before or 'the base model'}: it moved since, {version} is not promoted"
+                )
+            self.path(version)
+            # current first: a writer dying now leaves `candidate` naming current, which reads as no canary
+            self._point_link_at(CURRENT, version)
+            self._end_canary()
+        log.info("adapter %s promoted from canary (was %s)", version, before or "base")
+
+    def abort_canary(self, version: str | None = None) -> str | None:
+        """End the canary without promoting (only if `version`, when given, is the candidate); returns the aborted version."""
+        with self._locked():
+            self._tidy_canary()
+            running = self.candidate()
+            if version is not None:
+                _check_name(version)
+                if running != version:
+                    raise RegistryConflict(f"{version} is not in canary ({running or 'no canary runs'})")
+            aborted = self._end_canary()
+        if aborted is not None:
+            log.info("canary of %s aborted", aborted)
+        return aborted
 
     def mark(self, version: str, **fields: Any) -> dict[str, Any]:
         """Update a version's metrics.json (e.g. `status="rejected"`) atomically; returns the new metrics."""
@@ -311,14 +386,56 @@ class AdapterRegistry:
         finally:
             os.close(fd)  # closing releases the flock
 
-    def _point_current_at(self, version: str | None) -> None:
-        """Swap `current` atomically (a temporary symlink renamed over it); None removes it. Lock held."""
-        link = self.root / CURRENT
+    def _read_link(self, name: str) -> str | None:
+        """The version a registry symlink names; None when absent or naming no version."""
+        try:
+            target = os.readlink(self.root / name)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # a plain file or folder: not ours
+                raise RegistryError(f"{self.root / name} is not a symlink") from None
+            raise
+        folder = self.root / target
+        if not _VERSION.fullmatch(target) or folder.is_symlink() or not folder.is_dir():
+            log.warning("adapters/%s points at %r, which is not a version: ignored", name, target)
+            return None
+        return target
+
+    def _canary_record(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.root / CANARY_RECORD).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _end_canary(self) -> str | None:
+        """Remove `candidate`, then canary.json; returns the version the canary ran. Lock held."""
+        running = self.candidate()
+        self._point_link_at(CANDIDATE, None)
+        with suppress(FileNotFoundError):
+            os.unlink(self.root / CANARY_RECORD)
+        return running
+
+    def _tidy_canary(self) -> None:
+        """Finish what a writer that died mid-change left: a link naming `current`, or a record without its link. Lock held."""
+        link = self.root / CANDIDATE
+        if os.path.lexists(link) and self.candidate() is None:
+            self._point_link_at(CANDIDATE, None)
+        if not os.path.lexists(link):
+            with suppress(FileNotFoundError):
+                os.unlink(self.root / CANARY_RECORD)
+
+    def _point_link_at(self, name: str, version: str | None) -> None:
+        """Swap a registry symlink atomically (a temporary symlink renamed over it); None removes it. Lock held."""
+        link = self.root / name
         if link.exists() and not link.is_symlink():
             raise RegistryError(f"{link} is not a symlink; refusing to replace it")
         if version is None:
-            with suppress(FileNotFoundError):
+            try:
                 os.unlink(link)
+            except FileNotFoundError:
+                return  # nothing to remove (perhaps no registry folder yet)
         else:
             temporary = self.root / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
             os.symlink(version, temporary)  # relative: the data dir may be mounted elsewhere

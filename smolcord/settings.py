@@ -138,6 +138,18 @@ class Settings(BaseSettings):
     # The gate's one-sided sign test must reject "no better than current" at this confidence.
     gate_confidence: float = Field(default=0.95, ge=0.0, lt=1.0)
     keep_versions: int = Field(default=5, ge=1)
+    # Canary rollout (feedback.store.canary): a gated candidate first serves a sticky share of users,
+    # and their 👍 share against current's decides. off: a gated candidate is promoted at once.
+    canary: bool = True
+    canary_share: float = Field(default=0.2, gt=0, lt=1)  # of users, by a hash of user id and version
+    # The candidate may be this much worse in 👍 share (0.05: five points) and still be promoted.
+    canary_margin: float = Field(default=0.05, ge=0, lt=1)
+    # Rated answers (net vote ≠ 0) each arm needs before the live votes decide.
+    canary_min_rated: int = Field(default=30, ge=1)
+    # Days after which an undecided canary is promoted (the offline gate's verdict) unless votes lean against it.
+    canary_max_days: float = Field(default=7, gt=0)
+    # Posterior probability the live decision needs; above 0.5, so promote and reject never both hold.
+    canary_confidence: float = Field(default=0.95, gt=0.5, lt=1)
     # The training job: the nightly run's method, and flags of `python -m feedback.training --help`
     # (e.g. "--learning_rate 1e-4 --num_train_epochs 4") that every run takes before its own.
     train_method: Literal["dpo", "kto", "sft+dpo"] = "dpo"

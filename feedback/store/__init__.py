@@ -2,7 +2,7 @@
 
 Service functions live in one module per domain, imported as
 `from feedback.store import prompts as prompts_service`: prompts, responses, history, images,
-reactions, consent, deletion, runs, adapters, stats. Every service function takes an
+reactions, consent, deletion, runs, adapters, stats, canary. Every service function takes an
 `AsyncSession` with no transaction open, and keyword arguments only; it runs one transaction and
 commits it, or raises a `feedback.store.errors.FeedbackError` (or lets a
 database error through) having written nothing. Results are frozen dataclasses, never ORM

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyRecorded",
+    "CanaryDecided",
     "FeedbackError",
     "ImageTooLarge",
     "InvalidHistory",
     "InvalidImage",
     "NotAVote",
+    "UnknownCanary",
     "UnknownPrompt",
     "UnknownResponse",
     "UnknownRun",
@@ -29,6 +31,14 @@ class UnknownPrompt(FeedbackError, LookupError):
 
 class UnknownRun(FeedbackError, LookupError):
     """No training run has that id."""
+
+
+class UnknownCanary(FeedbackError, LookupError):
+    """No canary has that id."""
+
+
+class CanaryDecided(FeedbackError):
+    """The canary was decided already (promoted, rejected or aborted): a decision is recorded once."""
 
 
 class NotAVote(FeedbackError, ValueError):

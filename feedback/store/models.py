@@ -1,4 +1,4 @@
-"""The feedback store's tables: prompts, images, responses, reactions, consent, training runs, adapters.
+"""The feedback store's tables: prompts, images, responses, reactions, consent, training runs, adapters, canaries.
 
 Ids of Discord objects (guilds, channels, messages, users, roles) are snowflakes: 64-bit, so
 `BigInteger`. Every foreign key deletes with its parent (`ON DELETE CASCADE`), except three: an
@@ -37,6 +37,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 __all__ = [
     "AdapterVersion",
     "Base",
+    "CanaryRollout",
     "FollowUp",
     "GuildRemoval",
     "GuildSettings",
@@ -329,3 +330,23 @@ class AdapterVersion(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     rolled_back_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class CanaryRollout(Base):
+    """One canary: a candidate served to a share of users beside current, and how it was decided.
+
+    The registry on disk says what runs now; this is the history, with the numbers of each decision.
+    """
+
+    __tablename__ = "canaries"
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True)
+    candidate_version: Mapped[str] = mapped_column(String(32))
+    current_version: Mapped[str | None] = mapped_column(String(32))  # None: the base model
+    share: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # None: still running
+    decision: Mapped[str | None] = mapped_column(String(16))  # "promote" | "reject" | "abort"
+    rule: Mapped[str | None] = mapped_column(String(16))  # "live" | "timeout" | "admin" | "superseded"
+    stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the decision's numbers (both arms)
+    decided_by: Mapped[int | None] = mapped_column(BigInteger)  # the admin's user id, for rule "admin"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,14 +69,10 @@ def registry(make_settings: Callable[..., Settings], loras: list[Path]) -> Adapt
 
 
 def set_candidate(registry: AdapterRegistry, version: str | None) -> None:
-    """Point the registry's `candidate` symlink at version (None removes it), as the canary functions do."""
-    link = registry.root / "candidate"
-    if version is None:
-        link.unlink(missing_ok=True)
-        return
-    temporary = registry.root / ".candidate-test"
-    os.symlink(version, temporary)
-    os.replace(temporary, link)
+    """Put `version` in canary through the registry (None ends the canary), as a training run does."""
+    registry.abort_canary()
+    if version is not None:
+        registry.start_canary(version, expected_current=registry.current())
 
 
 def set_current(registry: AdapterRegistry, version: str) -> None:

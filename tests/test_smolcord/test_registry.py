@@ -340,3 +340,188 @@ def test_lock_file_defaults_to_the_root(tmp_path: Path):
     assert registry.lock_path == tmp_path / "adapters" / "registry.lock"
     assert registry.versions() == ["v1"]
     assert json.loads((tmp_path / "adapters" / "v1" / "metrics.json").read_text())["version"] == "v1"
+
+
+# --------------------------------------------------------------------------------------- canary
+
+
+def test_no_canary_at_first(registry: AdapterRegistry):
+    assert registry.candidate() is None
+    assert registry.canary() is None
+    assert registry.abort_canary() is None
+
+
+def test_start_promote_canary(registry: AdapterRegistry):
+    v1, v2 = add_version(registry), add_version(registry)
+    registry.promote(v1, expected_current=None)
+    registry.start_canary(v2, expected_current=v1)
+    assert registry.candidate() == v2 and registry.current() == v1
+    assert os.readlink(registry.root / "candidate") == "v2"  # relative, like current
+    record = registry.canary()
+    assert record is not None
+    assert record["candidate"] == v2 and record["current_at_start"] == v1
+    assert record["started_at"].endswith("+00:00")
+    # restart-safe: a new registry object (another process) reads the same state from disk
+    again = AdapterRegistry(registry.root, locks_dir=registry.lock_path.parent)
+    assert again.canary() == record
+    again.promote_candidate(v2)
+    assert registry.current() == v2
+    assert registry.candidate() is None and registry.canary() is None
+    assert not os.path.lexists(registry.root / "candidate")
+    assert not (registry.root / "canary.json").exists()
+    assert temporaries(registry.root) == []
+
+
+def test_canary_against_the_base_model(registry: AdapterRegistry):
+    v1 = add_version(registry)
+    registry.start_canary(v1, expected_current=None)
+    assert registry.canary() == {
+        "candidate": v1,
+        "current_at_start": None,
+        "started_at": registry.canary()["started_at"],  # type: ignore[index]
+    }
+    registry.promote_candidate(v1)
+    assert registry.current() == v1
+
+
+def test_start_canary_refusals(registry: AdapterRegistry):
+    v1, v2, v3 = (add_version(registry) for _ in range(3))
+    registry.promote(v1, expected_current=None)
+    with pytest.raises(UnknownVersion):
+        registry.start_canary("v9", expected_current=v1)
+    with pytest.raises(RegistryError):
+        registry.start_canary("../v1", expected_current=v1)
+    with pytest.raises(RegistryConflict, match="moved"):
+        registry.start_canary(v2, expected_current=None)
+    with pytest.raises(RegistryConflict, match="served already"):
+        registry.start_canary(v1, expected_current=v1)
+    assert registry.candidate() is None
+    registry.start_canary(v2, expected_current=v1)
+    with pytest.raises(RegistryConflict, match="one candidate at a time"):
+        registry.start_canary(v3, expected_current=v1)
+    assert registry.candidate() == v2
+
+
+def test_promotion_refused_when_current_moved_since_the_canary_began(registry: AdapterRegistry):
+    v1, v2, v3 = (add_version(registry) for _ in range(3))
+    registry.promote(v1, expected_current=None)
+    registry.start_canary(v3, expected_current=v1)
+    with registry.locked():  # someone moves current by hand (not through rollback, which aborts)
+        registry._point_link_at("current", v2)
+    with pytest.raises(RegistryConflict, match="moved since"):
+        registry.promote_candidate(v3)
+    assert registry.current() == v2 and registry.candidate() == v3  # nothing changed
+    assert registry.abort_canary(v3) == v3
+    assert registry.current() == v2 and registry.canary() is None
+
+
+def test_promote_candidate_refuses_another_version(registry: AdapterRegistry):
+    v1, v2 = add_version(registry), add_version(registry)
+    with pytest.raises(RegistryConflict, match="no canary"):
+        registry.promote_candidate(v1)
+    registry.start_canary(v1, expected_current=None)
+    with pytest.raises(RegistryConflict, match="not in canary"):
+        registry.promote_candidate(v2)
+    assert registry.current() is None and registry.candidate() == v1
+
+
+def test_abort_canary(registry: AdapterRegistry):
+    v1, v2 = add_version(registry), add_version(registry)
+    registry.start_canary(v1, expected_current=None)
+    with pytest.raises(RegistryConflict):
+        registry.abort_canary(v2)
+    assert registry.candidate() == v1
+    assert registry.abort_canary(v1) == v1
+    assert registry.candidate() is None and registry.canary() is None
+    assert registry.current() is None
+    with pytest.raises(RegistryConflict):
+        registry.abort_canary(v1)  # decided already
+    assert registry.abort_canary() is None
+    registry.start_canary(v2, expected_current=None)  # the next canary may start
+    assert registry.abort_canary() == v2
+
+
+def test_rollback_aborts_the_canary(registry: AdapterRegistry):
+    v1, v2, v3 = (add_version(registry) for _ in range(3))
+    registry.promote(v2, expected_current=None)
+    registry.start_canary(v3, expected_current=v2)
+    with pytest.raises(UnknownVersion):
+        registry.rollback("v9")  # refused: nothing changes, the canary included
+    assert registry.candidate() == v3
+    assert registry.rollback() == v1
+    assert registry.current() == v1
+    assert registry.candidate() is None and registry.canary() is None
+    assert not (registry.root / "canary.json").exists()
+
+
+def test_prune_keeps_the_candidate(registry: AdapterRegistry):
+    for _ in range(5):
+        add_version(registry)
+    registry.promote("v5", expected_current=None)
+    # the candidate is old here only to prove the point: prune never takes it
+    registry.start_canary("v1", expected_current="v5")
+    assert registry.prune(keep=1) == ["v2", "v3", "v4"]
+    assert registry.versions() == ["v1", "v5"]
+    assert registry.candidate() == "v1"
+
+
+def test_a_half_finished_change_reads_as_no_canary_and_is_tidied(registry: AdapterRegistry):
+    v1, v2 = add_version(registry), add_version(registry)
+    registry.promote(v1, expected_current=None)
+    # a writer died after writing the record, before the link
+    (registry.root / "canary.json").write_text(
+        json.dumps({"candidate": v2, "current_at_start": v1, "started_at": "2026-01-01T00:00:00+00:00"})
+    )
+    assert registry.candidate() is None and registry.canary() is None
+    registry.start_canary(v2, expected_current=v1)  # tidied and started afresh
+    assert registry.canary()["started_at"] != "2026-01-01T00:00:00+00:00"  # type: ignore[index]
+    # a promotion died after swapping current, before removing the link: it was promoted
+    with registry.locked():
+        registry._point_link_at("current", v2)
+    assert registry.current() == v2
+    assert registry.candidate() is None and registry.canary() is None
+    assert registry.abort_canary() is None
+    assert not os.path.lexists(registry.root / "candidate")
+    assert not (registry.root / "canary.json").exists()
+
+
+def _race(barrier: threading.Barrier, results: dict[str, object], key: str, action) -> None:
+    barrier.wait()
+    try:
+        results[key] = action()
+    except RegistryConflict as exc:
+        results[key] = exc
+
+
+def test_concurrent_promote_and_abort_one_wins(registry: AdapterRegistry, tmp_path: Path):
+    """Each round, a promotion and an abort race from two registry objects: exactly one wins, whole."""
+    v1, v2 = add_version(registry), add_version(registry)
+    registry.promote(v1, expected_current=None)
+    other = AdapterRegistry(registry.root, locks_dir=tmp_path / "locks")
+    outcomes: dict[str, int] = {"promoted": 0, "aborted": 0}
+    for _ in range(40):
+        registry.rollback(v1)
+        registry.start_canary(v2, expected_current=v1)
+        barrier = threading.Barrier(2)
+        results: dict[str, object] = {}
+        threads = [
+            threading.Thread(
+                target=_race, args=(barrier, results, "promote", lambda: registry.promote_candidate(v2))
+            ),
+            threading.Thread(target=_race, args=(barrier, results, "abort", lambda: other.abort_canary(v2))),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert registry.candidate() is None and registry.canary() is None
+        if not isinstance(results["promote"], RegistryConflict):
+            assert isinstance(results["abort"], RegistryConflict)
+            assert registry.current() == v2
+            outcomes["promoted"] += 1
+        else:
+            assert results["abort"] == v2
+            assert registry.current() == v1
+            outcomes["aborted"] += 1
+    assert sum(outcomes.values()) == 40
+    assert temporaries(registry.root) == []

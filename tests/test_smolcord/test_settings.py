@@ -95,3 +95,38 @@ def test_channels_all_is_the_documented_default(clean_env, value, channels):
     clean_env.setenv("SMOLCORD_CHANNELS", "all,1")  # "all" means every channel: never beside ids
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_canary_settings(clean_env):
+    s = Settings()
+    assert s.canary is True
+    assert (s.canary_share, s.canary_margin, s.canary_min_rated) == (0.2, 0.05, 30)
+    assert (s.canary_max_days, s.canary_confidence) == (7, 0.95)
+    clean_env.setenv("SMOLCORD_CANARY", "off")
+    clean_env.setenv("SMOLCORD_CANARY_SHARE", "0.5")
+    clean_env.setenv("SMOLCORD_CANARY_MAX_DAYS", "0.5")
+    s = Settings()
+    assert s.canary is False and s.canary_share == 0.5 and s.canary_max_days == 0.5
+    clean_env.setenv("SMOLCORD_CANARY", "on")
+    assert Settings().canary is True
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SMOLCORD_CANARY_SHARE", "0"),
+        ("SMOLCORD_CANARY_SHARE", "1"),
+        ("SMOLCORD_CANARY_SHARE", "1.5"),
+        ("SMOLCORD_CANARY_MARGIN", "-0.1"),
+        ("SMOLCORD_CANARY_MARGIN", "1"),
+        ("SMOLCORD_CANARY_MIN_RATED", "0"),
+        ("SMOLCORD_CANARY_MAX_DAYS", "0"),
+        ("SMOLCORD_CANARY_CONFIDENCE", "0.5"),
+        ("SMOLCORD_CANARY_CONFIDENCE", "1"),
+        ("SMOLCORD_CANARY", "maybe"),
+    ],
+)
+def test_canary_settings_are_validated(clean_env, variable, value):
+    clean_env.setenv(variable, value)
+    with pytest.raises(ValidationError, match=variable.removeprefix("SMOLCORD_").lower()):
+        Settings()

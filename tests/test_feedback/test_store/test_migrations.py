@@ -7,6 +7,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
 from test_feedback.harness import TEST_DATABASE_URL, sqlite_only, sqlite_url
 
@@ -289,3 +290,47 @@ def test_prompts_with_a_history_from_before_provenance_stop_being_trainable(empt
     assert asyncio.run(run([(insert, row) for row in rows])) == [(1, True), (2, True), (3, False)]
     upgrade_to_head(empty_url)
     assert asyncio.run(run([])) == [(1, True), (2, False), (3, False)]
+
+
+def test_canaries_table_upgrades_and_downgrades(empty_url):
+    """0004: the canaries table comes and goes; the data of 0003 is untouched either way."""
+    import asyncio
+
+    config = alembic_config(empty_url)
+    command.upgrade(config, "0003")
+
+    async def run(statements):
+        engine = create_engine(empty_url)
+        try:
+            async with engine.begin() as connection:
+                for statement in statements:
+                    await connection.execute(text(statement))
+            async with engine.connect() as connection:
+                tables = await connection.run_sync(lambda sync: set(sa_inspect(sync).get_table_names()))
+                prompts = (await connection.execute(text("SELECT id FROM prompts"))).scalars().all()
+                canaries = (
+                    (await connection.execute(text("SELECT candidate_version, rule FROM canaries"))).all()
+                    if "canaries" in tables
+                    else None
+                )
+                return "canaries" in tables, list(prompts), canaries
+        finally:
+            await engine.dispose()
+
+    prompt = (
+        "INSERT INTO prompts (id, key, guild_id, channel_id, author_id, question, history, trainable,"
+        " created_at) VALUES (1, 'k', 9, 2, 3, 'what?', '[]', true, '2026-01-01 00:00:00')"
+    )
+    assert asyncio.run(run([prompt])) == (False, [1], None)
+    command.upgrade(config, "0004")
+    canary = (
+        "INSERT INTO canaries (candidate_version, current_version, share, started_at, decided_at, decision,"
+        " rule, stats, decided_by) VALUES ('v3', 'v2', 0.2, '2026-01-01 00:00:00', '2026-01-02 00:00:00',"
+        " 'promote', 'live', '{\"p_not_worse\": 0.97}', NULL)"
+    )
+    assert asyncio.run(run([canary])) == (True, [1], [("v3", "live")])
+    command.downgrade(config, "0003")
+    assert asyncio.run(run([])) == (False, [1], None)
+    assert upgrade_to_head(empty_url) == head_revision()
+    assert asyncio.run(run([])) == (True, [1], [])
+    assert drift(empty_url) == []
