@@ -26,13 +26,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from feedback.store.canary import ArmStats, Canary, CanaryDecision
-from smolcord.canary import in_canary, served_model
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from feedback.store import canary as canary_service
 from feedback.store import consent as consent_service
+from feedback.store.canary import ArmStats, Canary, CanaryDecision
 from feedback.store.errors import CanaryDecided
+from smolcord.canary import in_canary, served_model
 from smolcord.registry import AdapterRegistry, RegistryConflict, RegistryError
 from smolcord.settings import Settings
 from smolcord.worker_client import WorkerClient, WorkerDown, WorkerError

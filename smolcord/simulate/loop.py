@@ -90,6 +90,8 @@ class SimulationConfig:
     model: Path | None = None
     regenerate: float = 0.8  # how often a user presses 🔁 on an answer they dislike
     max_regenerations: int = 3
+    canary: bool = False
+    scenario: str = "honest"
 
 
 def run(config: SimulationConfig, *, stdout: TextIO | None = None) -> int:
@@ -130,6 +132,8 @@ def simulation_settings(
         "worker_url": f"http://127.0.0.1:{port}",
         "worker_token": secrets.token_urlsafe(16),  # the worker listens on loopback, still not open
         "train_method": config.method,
+        # A gated candidate is promoted at once unless --canary: then live votes decide (bot.rollout).
+        "canary": config.canary,
     }
     if config.model is None and not os.environ.get("SMOLCORD_TRAIN_ARGS"):
         overrides["train_args"] = TINY_TRAIN_ARGS[config.method]
