@@ -47,9 +47,22 @@ def _tiny_model(args: argparse.Namespace, settings: Settings) -> int:
 def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     from smolcord.simulate.loop import SimulationConfig, run
 
+    # A canary splits users: it needs enough of them for its arm, and traffic for its votes.
+    users = args.users if args.users is not None else 60 if args.canary else 12
+    questions = args.questions if args.questions is not None else 96 if args.canary else 48
+    if args.canary and users < 50:
+        print(
+            "smolcord simulate: --canary needs --users 50 or more (its arm is a share of them)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.scenario is not None and not args.canary:
+        print("smolcord simulate: --scenario is a canary scenario: add --canary", file=sys.stderr)
+        return 2
     config = SimulationConfig(
-        rounds=args.rounds, users=args.users, questions=args.questions, eval_questions=args.eval_questions,
+        rounds=args.rounds, users=users, questions=questions, eval_questions=args.eval_questions,
         rule=args.rule, noise=args.noise, method=args.method, seed=args.seed, out=args.out, model=args.model,
+        canary=args.canary, scenario=args.scenario or "honest",
     )  # fmt: skip
     return run(config)
 
@@ -390,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("simulate", _simulate, "a simulated community voting by a hidden rule, night after night")
     p.add_argument("--rounds", type=int, default=6, help="nights (default 6)")
-    p.add_argument("--users", type=int, default=12)
-    p.add_argument("--questions", type=int, default=48, help="questions asked each round")
+    p.add_argument("--users", type=int, help="simulated users (default 12; 60 with --canary)")
+    p.add_argument("--questions", type=int, help="questions asked each round (default 48; 96 with --canary)")
     p.add_argument(
         "--eval-questions", type=int, default=64, help="the fixed evaluation set, scored each round"
     )
@@ -405,6 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", type=Path, help="a local checkpoint as the base (default: a warm-started tiny model)"
     )
+    p.add_argument(
+        "--canary", action="store_true",
+        help="a gated candidate first serves a sticky share of users; their live votes decide (SMOLCORD_CANARY)",
+    )  # fmt: skip
+    p.add_argument(
+        "--scenario", choices=["honest", "minority"],
+        help="with --canary: everyone votes by the rule (honest), or a 🔁-heavy minority that likes wrong "
+        "colours makes the pairs (minority)",
+    )  # fmt: skip
 
     p = add("tiny-model", _tiny_model, "build a local checkpoint for tests, demos and benchmarks")
     p.add_argument("dir", type=Path)

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ class RoundTraffic:
     disliked: int = 0
     first_liked: int = 0  # first answers liked: the served model's 👍 share on the round's own traffic
     failed: int = 0  # answers the worker could not give (none expected)
+    by_version: dict[str, list[int]] = field(default_factory=dict)  # version -> [answers, liked]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +94,10 @@ class RoundTraffic:
             "votes_down": self.disliked,
             "first_answer_up_share": round(self.first_liked / self.questions, 4) if self.questions else None,
             "failed": self.failed,
+            "by_version": {
+                version: {"answers": answers, "liked": liked, "up_share": round(liked / answers, 4)}
+                for version, (answers, liked) in sorted(self.by_version.items())
+            },
         }
 
 
@@ -130,9 +135,12 @@ class Community:
         traffic = RoundTraffic()
         gate = asyncio.Semaphore(self._concurrency)  # several at once, so the worker batches them
 
+        # Users ask in turn, each as often as their activity says (a round-robin over the weighted list).
+        askers = [user for user in self.users for _ in range(user.activity)]
+
         async def one(index: int, scene: Scene) -> None:
             async with gate:
-                await self._ask(scene, self.users[(round * len(scenes) + index) % len(self.users)], traffic)
+                await self._ask(scene, askers[(round * len(scenes) + index) % len(askers)], traffic)
 
         await asyncio.gather(*(one(i, scene) for i, scene in enumerate(scenes)))
         return traffic
@@ -165,6 +173,7 @@ class Community:
         traffic.first_liked += liked
         assert answer is not None  # voted on
         prompt_id = await self._prompt_of(answer)
+        version = None if answer.version == "base" else answer.version  # 🔁 comes from the same arm
         for _ in range(self.max_regenerations):
             if not user.wants_another(liked):
                 return
@@ -172,7 +181,11 @@ class Community:
                 prompt = await prompts_service.get_prompt(session, settings=settings, prompt_id=prompt_id)
             traffic.regenerations += 1
             answer = await self.answerer.regenerate(
-                channel, prompt, user_id=user.id, seed=user.rng.randrange(2**31)
+                channel,
+                prompt,
+                user_id=user.id,
+                seed=user.rng.randrange(2**31),
+                version=version,
             )
             liked = await self._vote(answer, user, scene, traffic)
             if liked is None:
@@ -201,6 +214,9 @@ class Community:
             traffic.liked += 1
         else:
             traffic.disliked += 1
+        arm = traffic.by_version.setdefault(answer.version, [0, 0])
+        arm[0] += 1
+        arm[1] += liked
         return liked
 
     async def _prompt_of(self, answer: Answer) -> int:

@@ -155,15 +155,20 @@ async def _simulate(
     from bot.nightly import should_train, training_readiness
     from bot.training_runner import TrainingRunner
     from feedback.store.db import create_engine, sessionmaker
+    from smolcord.registry import AdapterRegistry
     from smolcord.simulate.community import Community
-    from smolcord.simulate.world import World, community
+    from smolcord.simulate.world import World, canary_community, community
     from smolcord.worker_client import WorkerClient
 
     world = World(config.seed)
     evaluation = world.evaluation_set(config.eval_questions)
-    users = community(
-        config.users, seed=config.seed, rule=config.rule, noise=config.noise, regenerate=config.regenerate
-    )
+    if config.canary:
+        users = canary_community(config.users, seed=config.seed, scenario=config.scenario, noise=config.noise)
+    else:
+        users = community(
+            config.users, seed=config.seed, rule=config.rule, noise=config.noise, regenerate=config.regenerate
+        )
+    registry = AdapterRegistry(settings.adapters_dir, locks_dir=settings.locks_dir)
     engine = create_engine(settings.db_url)
     sessions = sessionmaker(engine)
     token = settings.worker_token.get_secret_value() if settings.worker_token else None
@@ -190,17 +195,32 @@ async def _simulate(
                 scenes = world.scenes(config.questions, round=number)
                 _say(f"round {number}: {len(scenes)} questions from {len(users)} users")
                 traffic = await people.live_a_round(scenes, round=number)
+                canary: dict[str, Any] = {}
+                if config.canary:  # as the bot's nightly run: the canary is decided before any training
+                    canary = await _decide_canary(settings, registry, sessions, worker, number)
+                    answerer.router.forget()
                 readiness = await training_readiness(sessions, settings)
                 train, why = should_train(readiness)
+                if canary.get("decision") == "waiting":
+                    train, why = False, f"the canary of {canary['candidate']} is undecided"
                 night = await _night(runner, settings, train, why, number)
+                if canary.get("decision") == "promote":
+                    night["promoted"] = True
                 _say(
                     f"round {number}: scoring {night.get('served') or 'the served version'} on the evaluation set"
                 )
                 scores = await _evaluate(
                     worker, settings, evaluation, rule=config.rule, seed=config.seed, number=number
                 )
+                candidate = registry.candidate() if config.canary else None
+                if candidate is not None:  # what the canary's arm is answering, on the same evaluation set
+                    scored = await _evaluate(
+                        worker, settings, evaluation, rule=config.rule, seed=config.seed, number=number,
+                        version=candidate,
+                    )  # fmt: skip
+                    scores["candidate_eval"] = {"version": candidate, **scored}
                 record = {
-                    "round": number, **scores, **night, "traffic": traffic.as_dict(),
+                    "round": number, **scores, **canary, **night, "traffic": traffic.as_dict(),
                     "pairs_available": readiness.pairs, "seconds": round_seconds(started),
                 }  # fmt: skip
                 records.append(record)
@@ -208,6 +228,31 @@ async def _simulate(
     finally:
         await engine.dispose()
     return records
+
+
+async def _decide_canary(
+    settings: Settings, registry: Any, sessions: Any, worker: Any, number: int
+) -> dict[str, Any]:
+    """The nightly canary step (bot.rollout.decide_canary), as the round's line shows it."""
+    from bot.rollout import decide_canary
+
+    outcome = await decide_canary(settings=settings, registry=registry, sessions=sessions, worker=worker)
+    if outcome is None:
+        return {}
+    numbers = outcome.numbers
+    arms = {
+        arm: {k: numbers.get(arm, {}).get(k) for k in ("version", "rated", "liked", "share", "interval")}
+        for arm in ("candidate", "current")
+    }
+    _say(f"round {number}: canary of {outcome.candidate}: {outcome.decision} ({outcome.rule})")
+    return {
+        "decision": outcome.decision,
+        "candidate": outcome.candidate,
+        "canary": {
+            "rule": outcome.rule, "reason": outcome.message, "arms": arms,
+            "p_not_worse": numbers.get("p_not_worse"), "p_worse": numbers.get("p_worse"),
+        },
+    }  # fmt: skip
 
 
 async def _night(runner: Any, settings: Settings, train: bool, why: str, number: int) -> dict[str, Any]:
@@ -252,13 +297,20 @@ def _metrics_of(settings: Settings, version: str | None) -> dict[str, Any]:
 
 
 async def _evaluate(
-    worker: Any, settings: Settings, scenes: Sequence[Scene], *, rule: str, seed: int, number: int
+    worker: Any,
+    settings: Settings,
+    scenes: Sequence[Scene],
+    *,
+    rule: str,
+    seed: int,
+    number: int,
+    version: str | None = None,
 ) -> dict[str, Any]:
     """Greedy answers of the served version to the evaluation set, scored by the rule (and by colour
     and shape, for the record). Asked straight of the worker: evaluation is not traffic, so nothing
     of it is stored."""
     from bot.conversation import Question, worker_messages
-    from bot.text import served_version
+    from bot.text import base_name, served_version
     from smolcord.images import normalize_image
     from smolcord.simulate.world import colour_rule, judge, shape_rule
 
@@ -271,8 +323,20 @@ async def _evaluate(
         )  # fmt: skip
         messages = await worker_messages(Question(text=scene.question, images=(image,)))
         async with gate:
-            result = await worker.chat(messages, max_tokens=settings.max_tokens, temperature=0.0)
+            result = await worker.chat(
+                messages, max_tokens=settings.max_tokens, temperature=0.0, model=await model_name()
+            )
         return result.text, served_version(result.model)
+
+    names: list[str] = []
+
+    async def model_name() -> str | None:
+        """`<base>:<version>` for a canary candidate (None: the worker's current)."""
+        if version is None:
+            return None
+        if not names:
+            names.append(base_name(str((await worker.ready()).get("id") or "")))
+        return f"{names[0]}:{version}"
 
     answers = await asyncio.gather(*(answer(scene) for scene in scenes))
     coin = random.Random(f"{seed}/evaluation/{number}")  # the `random` rule's coins, fixed per round

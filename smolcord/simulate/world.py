@@ -37,9 +37,11 @@ __all__ = [
     "SimulatedUser",
     "Truth",
     "World",
+    "canary_community",
     "colour_rule",
     "colours_named",
     "community",
+    "contrary_rule",
     "describe",
     "draw",
     "judge",
@@ -223,12 +225,22 @@ def short_rule(text: str, truth: Truth, *, max_words: int = SHORT_WORDS) -> bool
     return len(text.split()) < max_words and (colour_rule(text, truth) or shape_rule(text, truth))
 
 
+def contrary_rule(text: str, truth: Truth) -> bool:
+    """👍 iff the answer names exactly one colour and it is the wrong one (the canary's brigade)."""
+    named = colours_named(text)
+    return len(named) == 1 and truth.colour not in named
+
+
 RULES: dict[str, Callable[[str, Truth], bool] | None] = {
     "colour": colour_rule,
     "shape": shape_rule,
     "short": short_rule,
     "random": None,  # a fair coin: see judge()
+    "contrary": contrary_rule,
 }
+SCENARIOS = ("honest", "minority")
+MINORITY_SHARE = 0.2  # of the users in the `minority` scenario
+MINORITY_ACTIVITY = 4  # each of them asks this many times as often as anyone else
 
 
 def judge(rule: str, text: str, truth: Truth, rng: random.Random) -> bool:
@@ -253,6 +265,7 @@ class SimulatedUser:
     rule: str
     noise: float = 0.0
     regenerate: float = 0.5
+    activity: int = 1  # how many questions this user asks for one of an ordinary user
 
     def vote(self, text: str, truth: Truth) -> bool:
         """True: 👍, False: 👎."""
@@ -278,3 +291,29 @@ def community(
         SimulatedUser(_FIRST_USER_ID + i, random.Random(f"{seed}/user/{i}"), rule, noise, regenerate)
         for i in range(count)
     ]
+
+
+def canary_community(count: int, *, seed: int, scenario: str, noise: float = 0.0) -> list[SimulatedUser]:
+    """The users of a canary run (`smolcord simulate --canary --scenario ...`).
+
+    `honest`: everyone votes by the colour rule and presses 🔁 on most dislikes (0.8), as in the
+    plain simulation. `minority`: MINORITY_SHARE of the users are a brigade that likes wrong colours
+    (`contrary`), asks MINORITY_ACTIVITY times as often and presses 🔁 on every dislike; the rest
+    vote by the colour rule on the answers they get but never press 🔁. Preference pairs need 🔁, so
+    the training data (and the offline gate's held-out pairs) are the brigade's; the live 👍 share of
+    each canary arm counts every vote, most of them the majority's.
+    """
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError("noise is a probability, between 0 and 1")
+    brigade = round(count * MINORITY_SHARE) if scenario == "minority" else 0
+    users = []
+    for i in range(count):
+        rng = random.Random(f"{seed}/user/{i}")
+        if i < brigade:
+            users.append(SimulatedUser(_FIRST_USER_ID + i, rng, "contrary", noise, 1.0, MINORITY_ACTIVITY))
+        else:
+            regenerate = 0.8 if scenario == "honest" else 0.0
+            users.append(SimulatedUser(_FIRST_USER_ID + i, rng, "colour", noise, regenerate))
+    return users

@@ -83,6 +83,7 @@ def make_settings(data_dir: Path, model_dir: Path, **overrides: Any) -> Settings
         gate_margin=0.05,
         worker_url=CLOSED_PORT_URL,
         keep_versions=5,
+        canary=False,  # promotion straight away; the canary's path has its own tests below
     )
     return Settings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
 
@@ -509,6 +510,45 @@ def test_too_few_pairs_exit_cleanly(tmp_path: Path, tiny_model_dir: Path) -> Non
     assert registry_of(settings).versions() == []
     last = read_store(settings, lambda store: store.last_run(statuses=("skipped",)))
     assert last is not None and last.pairs == 0
+
+
+# ------------------------------------------------------------------------------ the canary
+
+
+@pytest.mark.slow
+def test_a_candidate_that_passes_the_gate_goes_into_canary_and_no_run_trains_while_it_runs(
+    trained: Trained, colour_store: Path, colour_data: tuple[Any, Any], tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from feedback.store import canary as canary_service
+
+    processor, data = colour_data
+    data_dir = copy_store(colour_store, tmp_path / "data")
+    with FakeWorker() as worker:
+        settings = make_settings(data_dir, tiny_model_dir, worker_url=worker.url, canary=True, canary_share=0.3)
+        registry = registry_of(settings)
+        with JobStore(settings) as store:
+            outcome = publish_candidate(
+                settings, registry, store, save=lambda path: shutil.copytree(trained.adapter, path, dirs_exist_ok=True),
+                processor=processor, data=data, method="dpo", hp=FAST, gate=GateArguments(), force=False,
+                history=[],
+            )  # fmt: skip
+            assert outcome.canary and not outcome.promoted, outcome.message
+            assert "in canary for 30% of users" in outcome.message
+            v1 = outcome.version
+            # current unchanged (the base model); the candidate beside it, on disk and in the store
+            assert (registry.current(), registry.candidate()) == (None, v1)
+            assert registry.canary()["current_at_start"] is None  # type: ignore[index]
+            assert registry.metrics(v1)["status"] == "canary"
+            record = store._call(canary_service.active_canary)
+            assert record is not None and (record.candidate_version, record.current_version) == (v1, None)
+            assert record.share == 0.3
+
+        # one candidate at a time: a run while the canary is undecided trains nothing
+        out = io.StringIO()
+        assert run(settings, RunArguments(progress="json"), FAST, stdout=out) == EXIT_TOO_FEW
+        [*_, final] = lines_of(out)
+        assert final["verdict"] == "skipped" and f"{v1} is in canary" in final["message"]
+        assert registry.versions() == [v1]
 
 
 # ------------------------------------------------------------------------------ the gate
