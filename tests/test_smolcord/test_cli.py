@@ -144,3 +144,10 @@ def test_adapters_rollback_does_what_the_slash_command_does(monkeypatch, tmp_pat
         assert loaded == ["v1"]
     finally:
         server.shutdown()
+
+
+def test_simulate_refuses_a_canary_too_small_to_split_and_a_scenario_without_one(capsys) -> None:
+    assert main(["simulate", "--canary", "--users", "20"]) == 2
+    assert "--users 50 or more" in capsys.readouterr().err
+    assert main(["simulate", "--scenario", "minority"]) == 2
+    assert "add --canary" in capsys.readouterr().err

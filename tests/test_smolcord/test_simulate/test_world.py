@@ -198,3 +198,30 @@ def test_users_ask_for_another_answer_only_to_ones_they_dislike() -> None:
     assert 0.45 < share < 0.55
     [never] = community(1, seed=0, rule="colour", regenerate=0.0)
     assert not any(never.wants_another(False) for _ in range(200))
+
+
+def test_the_contrary_rule_likes_one_wrong_colour_only() -> None:
+    from smolcord.simulate.world import contrary_rule
+
+    truth = Truth("red", "circle")
+    assert contrary_rule("It is a blue circle.", truth)
+    assert not contrary_rule("It is a red circle.", truth)
+    assert not contrary_rule("It is a blue and green circle.", truth)
+    assert not contrary_rule("It is a circle.", truth)
+
+
+def test_canary_communities_split_as_their_scenario_says() -> None:
+    from smolcord.simulate.world import MINORITY_ACTIVITY, canary_community
+
+    honest = canary_community(60, seed=0, scenario="honest")
+    assert {u.rule for u in honest} == {"colour"} and {u.regenerate for u in honest} == {0.8}
+    minority = canary_community(60, seed=0, scenario="minority")
+    brigade = [u for u in minority if u.rule == "contrary"]
+    assert len(brigade) == 12 and all(
+        u.regenerate == 1.0 and u.activity == MINORITY_ACTIVITY for u in brigade
+    )
+    rest = [u for u in minority if u.rule == "colour"]
+    assert len(rest) == 48 and all(u.regenerate == 0.0 and u.activity == 1 for u in rest)
+    assert len({u.id for u in minority}) == 60
+    with pytest.raises(ValueError, match="scenario"):
+        canary_community(60, seed=0, scenario="loud")
