@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
+from typing import Any
 
 __all__ = [
     "COLOURS",
@@ -33,6 +34,7 @@ __all__ = [
     "RULES",
     "SHAPES",
     "SHORT_WORDS",
+    "Layout",
     "Scene",
     "SimulatedUser",
     "Truth",
@@ -111,18 +113,54 @@ def describe(colour: str, shape: str) -> str:
     return f"It is a {colour} {shape}."
 
 
+GREYS = (150, 236)  # the background's grey level, drawn uniformly in [150, 236)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where and on what an image's shape is drawn: nothing of it depends on the shape's attributes."""
+
+    grey: int
+    radius: float
+    cx: float
+    cy: float
+    size: int
+
+    def cue(self, choices: Sequence[str], *, by: str) -> str:
+        """One of `choices` read off the layout alone (`grey` level or horizontal `x` position, in equal
+        bins): an answer chosen this way depends on the image but is independent of its colour and
+        shape, so it is right at chance while still varying from image to image."""
+        if by == "grey":
+            fraction = (self.grey - GREYS[0]) / (GREYS[1] - GREYS[0])
+        elif by == "x":
+            margin = self.radius + 1
+            fraction = (self.cx - margin) / max(self.size - 2 * margin, 1e-9)
+        else:
+            raise ValueError(f"unknown cue {by!r}")
+        return choices[min(int(fraction * len(choices)), len(choices) - 1)]
+
+
+def layout(*, image_id: int, seed: int = 0, size: int = 48) -> tuple[Layout, Any]:
+    """The layout of image `image_id` and the RNG after drawing it (for the pixel noise)."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, image_id])
+    grey = int(rng.integers(*GREYS))
+    radius = size * rng.uniform(0.26, 0.4)
+    margin = radius + 1
+    cx, cy = (float(rng.uniform(margin, size - margin)) for _ in range(2))
+    return Layout(grey, radius, cx, cy, size), rng
+
+
 def draw(truth: Truth, *, image_id: int, seed: int = 0, size: int = 48) -> bytes:
     """A PNG of `truth`'s shape in its colour on a grey background; position, size, background and
     pixel noise come from (seed, image_id), so the same arguments give the same bytes."""
     import numpy as np
     from PIL import Image, ImageDraw
 
-    rng = np.random.default_rng([seed, image_id])
-    grey = int(rng.integers(150, 236))
+    where, rng = layout(image_id=image_id, seed=seed, size=size)
+    grey, radius, cx, cy = where.grey, where.radius, where.cx, where.cy
     image = Image.new("RGB", (size, size), (grey, grey, grey))
-    radius = size * rng.uniform(0.26, 0.4)
-    margin = radius + 1
-    cx, cy = (float(rng.uniform(margin, size - margin)) for _ in range(2))
     pen = ImageDraw.Draw(image)
     fill = COLOURS[truth.colour]
     if truth.shape == "circle":
@@ -154,6 +192,10 @@ class World:
 
     def __init__(self, seed: int = 0, *, size: int = 48) -> None:
         self.seed, self.size = seed, size
+
+    def layout(self, scene: Scene) -> Layout:
+        """Where the scene's shape was drawn, and on what grey."""
+        return layout(image_id=scene.image_id, seed=self.seed, size=self.size)[0]
 
     def scene(self, truth: Truth, question: str, image_id: int) -> Scene:
         return Scene(

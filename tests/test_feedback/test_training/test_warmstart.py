@@ -19,13 +19,19 @@ from feedback.training.warmstart import (
 from smolcord.simulate.world import COLOURS, SHAPES, World, colour_rule, colours_named, describe
 
 
-def test_captions_have_the_worlds_form_and_ignore_the_image() -> None:
-    scenes = World(seed=0).warm_start_scenes(200)
+def test_captions_have_the_worlds_form_and_follow_the_layout_not_the_truth() -> None:
+    world = World(seed=0)
+    scenes = world.warm_start_scenes(200)
     rows = caption_rows(scenes, seed=0)
     captions = [row["completion"][0]["content"][0]["text"] for row in rows]
     assert captions == [r["completion"][0]["content"][0]["text"] for r in caption_rows(scenes, seed=0)]
     assert set(captions) <= {describe(c, s) for c in COLOURS for s in SHAPES}
-    # Random, not the truth: right about a quarter of the time (4 colours), every colour used.
+    # The colour is the background's grey level, the shape the position: varied per image.
+    assert captions == [
+        describe(world.layout(s).cue(list(COLOURS), by="grey"), world.layout(s).cue(SHAPES, by="x"))
+        for s in scenes
+    ]
+    # Independent of the truth: right about a quarter of the time (4 colours), every colour used.
     right = sum(colour_rule(c, s.truth) for c, s in zip(captions, scenes, strict=True))
     assert 0.15 < right / len(scenes) < 0.35
     assert {next(iter(colours_named(c))) for c in captions} == set(COLOURS)
@@ -57,6 +63,8 @@ def test_the_warm_start_answers_in_form_at_chance_and_is_cached(
     liked = sum(colour_rule(a, s.truth) for a, s in zip(answers, evaluation, strict=True)) / len(answers)
     assert one_colour >= 0.9, Counter(answers)
     assert liked <= 0.45, Counter(answers)
+    # Not one sentence for every image (what random captions taught): the answers vary with the image.
+    assert len(set().union(*(colours_named(a) for a in answers))) >= 3, Counter(answers)
     # Sampled answers (🔁) are in form too, and name other colours: that is how pairs form.
     torch.manual_seed(0)
     sampled = sampled_answers(model, processor, evaluation[:16])
