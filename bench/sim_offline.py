@@ -2,7 +2,7 @@
 
     python -m bench.sim_offline SIM_OUT "--lora_targets all --num_train_epochs 30 ..." [--method dpo] [--seed 0]
 
-SIM_OUT is a `smolcord simulate --out` folder (its data/ and models/warm-start-seed<seed>/). The
+SIM_OUT is a `smolcord simulate --out` folder (its data/ and models/warm-start-seed0/). The
 store is copied without its adapters, one run of the real training job trains on it (the gate
 forced open: what is measured here is the adapter, not the decision), and the base with the new
 adapter merged answers the simulation's evaluation set greedily; prints one JSON line with the
@@ -79,7 +79,7 @@ def main() -> None:
     from feedback.training.job import run
     from smolcord.settings import Settings
 
-    warm = args.sim_out / "models" / f"warm-start-seed{args.seed}"
+    warm = args.sim_out / "models" / "warm-start-seed0"  # one base for every seed
     processor = AutoProcessor.from_pretrained(warm)
     base_share, base_distinct = colour_share(
         AutoModelForImageTextToText.from_pretrained(warm).eval(), processor, args.seed, args.questions

@@ -373,9 +373,11 @@ def _base_model(config: SimulationConfig, out: Path) -> Path:
     if not (tiny / "config.json").is_file():
         _say(f"building the tiny model in {tiny}")
         build_tiny_model(tiny)
-    warm = out / "models" / f"warm-start-seed{config.seed}"
+    # One base for every seed, as an operator has one base model: the seed varies the world, the
+    # users, their votes and training; runs sharing --out build the warm start once.
+    warm = out / "models" / "warm-start-seed0"
     _say(f"warm start in {warm} (cached once built)")
-    return build_warm_start(tiny, warm, seed=config.seed)
+    return build_warm_start(tiny, warm, seed=0)
 
 
 @contextlib.contextmanager
