@@ -13,6 +13,7 @@ from discord.ext import commands
 from bot.checks import require_bot_admin, require_owner
 from bot.nightly import TrainingReadiness, next_nightly_run
 from bot.rollout import CanaryView, canary_view, conclude_canary
+from feedback.store import canary as canary_service
 from feedback.store import stats as stats_service
 from feedback.store.adapters import RollbackRefused, roll_back
 from smolcord.registry import RegistryError
@@ -58,12 +59,26 @@ class Admin(commands.Cog):
         await interaction.followup.send(text, ephemeral=True)
 
     async def _canary(self) -> CanaryView | str | None:
+        """The running canary; else a line on the last one decided (None: there never was one)."""
         try:
-            return await canary_view(
+            view = await canary_view(
                 settings=self.bot.settings, registry=self.bot.registry, sessions=self.bot.sessions
             )
         except RegistryError as exc:
             return f"the registry is unreadable ({exc})"
+        if view is not None:
+            return view
+        async with self.bot.sessions() as session:
+            last = await canary_service.canary_history(session, limit=1)
+        if not last or last[0].decided_at is None:
+            return None
+        record = last[0]
+        when = discord.utils.format_dt(record.decided_at, "R")
+        return (
+            f"none running; the last, {record.candidate_version} against "
+            f"{record.current_version or 'the base model'}, ended **{record.decision}** "
+            f"(rule {record.rule}) {when}"
+        )
 
     async def _worker_health(self) -> dict[str, Any] | str:
         try:

@@ -172,6 +172,10 @@ async def test_status_shows_both_arms_and_promote_serves_the_candidate_to_everyo
 
             _, answer = await run_command(world, "smolcord canary abort", world.fake.owner)
             assert "No canary is running" in answer.content
+            _, status = await run_command(world, "smolcord status", world.fake.owner)
+            assert f"Canary: none running; the last, {v2} against {v1}, ended **promote** (rule admin)" in (
+                status.content
+            )
         finally:
             reset_engine(tiny_engine)
 

@@ -75,6 +75,39 @@ def test_a_random_community_trains_but_the_gate_ships_no_noise(
     assert not (out / "data" / "adapters" / "current").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_colour_community_is_answered_better_after_two_nights(
+    warm_start_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The promise itself, on the real parts: votes by the colour rule, a nightly run that trains and
+    passes the gate, and the served version's 👍 share on the fixed evaluation set rises."""
+    monkeypatch.setenv("SMOLCORD_DEVICE", "cpu")
+    monkeypatch.setenv("SMOLCORD_HELDOUT_FRACTION", "0.4")  # enough held-out pairs by the second night
+    out = tmp_path / "sim"
+    config = SimulationConfig(
+        rounds=2,
+        users=12,
+        questions=48,
+        eval_questions=32,
+        rule="colour",
+        seed=0,
+        out=out,
+        model=warm_start_dir,
+    )
+    stdout = io.StringIO()
+    assert run(config, stdout=stdout) == 0
+    lines = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    first, rounds, final = lines[0], lines[1:-1], lines[-1]
+    assert first["eval_up_share"] <= 0.45  # the base is at chance
+    promoted = [r for r in rounds if r["promoted"]]
+    assert promoted and promoted[-1]["served"] == promoted[-1]["candidate"], rounds
+    assert rounds[-1]["eval_up_share"] >= first["eval_up_share"] + 0.25, [
+        r["eval_up_share"] for r in lines[:-1]
+    ]
+    assert final["promoted_worse_than_before"] == []
+
+
 def test_the_command_line_takes_the_issues_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: list[SimulationConfig] = []
     monkeypatch.setattr("smolcord.simulate.loop.run", lambda config: seen.append(config) or 0)
