@@ -70,9 +70,9 @@ class Admin(commands.Cog):
             return view
         async with self.bot.sessions() as session:
             last = await canary_service.canary_history(session, limit=1)
-        if not last or last[0].decided_at is None:
+        record = last[0] if last else None
+        if record is None or record.decided_at is None:
             return None
-        record = last[0]
         when = discord.utils.format_dt(record.decided_at, "R")
         return (
             f"none running; the last, {record.candidate_version} against "

@@ -58,6 +58,7 @@ def build_warm_start(
     out_dir: str | Path,
     *,
     seed: int = 0,
+    captions: str = "layout",
     steps: int = 120,
     examples: int = 400,
     learning_rate: float = 1e-3,
@@ -69,7 +70,7 @@ def build_warm_start(
     parameters = {
         "base": str(base.resolve()), "base_fingerprint": _fingerprint(base), "seed": seed, "steps": steps,
         "examples": examples, "learning_rate": learning_rate, "batch_size": batch_size,
-        "trained": "all weights", "captions": "layout cue",
+        "trained": "all weights", "captions": captions,
     }  # fmt: skip
     if _finished(out, parameters):
         log.info("warm start %s is built already", out)
@@ -91,9 +92,13 @@ def build_warm_start(
     return out
 
 
-def caption_rows(scenes: Sequence[Scene], *, seed: int) -> list[dict[str, Any]]:
+def caption_rows(scenes: Sequence[Scene], *, seed: int, captions: str = "layout") -> list[dict[str, Any]]:
     """trl prompt-completion rows: each scene's image and question, answered with the colour its
-    background's grey level says and the shape its position says (independent of what it shows)."""
+    background's grey level says and the shape its position says (independent of what it shows), or
+    with `captions="truth"` what it does show (a base that already answers well: the canary's
+    minority scenario starts from one)."""
+    if captions not in ("layout", "truth"):
+        raise ValueError(f"captions are 'layout' or 'truth', not {captions!r}")
     from PIL import Image
 
     from feedback.store.export import prompt_messages
@@ -103,7 +108,10 @@ def caption_rows(scenes: Sequence[Scene], *, seed: int) -> list[dict[str, Any]]:
     rows = []
     for scene in scenes:
         where = world.layout(scene)
-        caption = describe(where.cue(list(COLOURS), by="grey"), where.cue(SHAPES, by="x"))
+        if captions == "truth":
+            caption = describe(scene.truth.colour, scene.truth.shape)
+        else:
+            caption = describe(where.cue(list(COLOURS), by="grey"), where.cue(SHAPES, by="x"))
         with Image.open(io.BytesIO(scene.png)) as image:
             pixels = image.convert("RGB")
         rows.append(
@@ -163,7 +171,9 @@ def _train(base: Path, staging: Path, parameters: dict[str, Any]) -> float:
     seed = parameters["seed"]
     scenes = World(seed).warm_start_scenes(parameters["examples"])
     dataset = to_dataset(
-        _with_paths(caption_rows(scenes, seed=seed), staging), kind="unpaired", metadata=False
+        _with_paths(caption_rows(scenes, seed=seed, captions=parameters["captions"]), staging),
+        kind="unpaired",
+        metadata=False,
     )
     plan = plan_model(
         str(base), device="cpu", dtype="float32", load_in_4bit="false", gradient_checkpointing="false",

@@ -282,7 +282,7 @@ RULES: dict[str, Callable[[str, Truth], bool] | None] = {
 }
 SCENARIOS = ("honest", "minority")
 MINORITY_SHARE = 0.2  # of the users in the `minority` scenario
-MINORITY_ACTIVITY = 4  # each of them asks this many times as often as anyone else
+MINORITY_ACTIVITY = 1  # each of them asks this many times as often as anyone else
 
 
 def judge(rule: str, text: str, truth: Truth, rng: random.Random) -> bool:
@@ -340,10 +340,11 @@ def canary_community(count: int, *, seed: int, scenario: str, noise: float = 0.0
 
     `honest`: everyone votes by the colour rule and presses 🔁 on most dislikes (0.8), as in the
     plain simulation. `minority`: MINORITY_SHARE of the users are a brigade that likes wrong colours
-    (`contrary`), asks MINORITY_ACTIVITY times as often and presses 🔁 on every dislike; the rest
-    vote by the colour rule on the answers they get but never press 🔁. Preference pairs need 🔁, so
-    the training data (and the offline gate's held-out pairs) are the brigade's; the live 👍 share of
-    each canary arm counts every vote, most of them the majority's.
+    (`contrary`) and presses 🔁 on every dislike; the rest vote by the colour rule on the answers
+    they get but never press 🔁. Preference pairs need 🔁, so the training data (and the offline
+    gate's held-out pairs) are the brigade's; the live 👍 share of each canary arm counts every vote,
+    most of them the majority's. (The loop starts this scenario from a base that already answers
+    well, so the brigade dislikes most answers and makes pairs quickly.)
     """
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
