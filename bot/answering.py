@@ -249,7 +249,15 @@ class Answerer:
             max_tokens=settings.max_tokens,
             max_model_len=await self.max_model_len(),
         )
-        sampling = Sampling(max_tokens=settings.max_tokens)
+        if settings.answer_temperature > 0:
+            sampling = Sampling(
+                temperature=settings.answer_temperature,
+                top_p=settings.regen_top_p,
+                seed=random.randrange(2**31),
+                max_tokens=settings.max_tokens,
+            )
+        else:
+            sampling = Sampling(max_tokens=settings.max_tokens)
         model = await self._model(await self.router.version_for(user_id=author_id, guild_id=guild_id))
         display = Display(destination, self.pacer)
         while True:

@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     total_inflight: int = Field(default=16, ge=1)
     history_turns: int = Field(default=6, ge=0)
     history_images: int = Field(default=2, ge=0)
+    # First answers: greedy by default. Sampled (> 0), they are drawn like the 🔁 alternatives, so a
+    # preference pair cannot be told apart by which answer came first (see README "The promotion gate").
+    answer_temperature: float = Field(default=0.0, ge=0)
     regen_temperature: float = Field(default=0.7, ge=0)
     # Nucleus sampling for 🔁: the alternative stays among the answers the model finds plausible (a
     # sharpened adapter at temperature 1 without it wanders into word salad nobody can vote on).

@@ -57,6 +57,10 @@ SMALL_COMMUNITY = {
     "gate_min_heldout": 6,
     "max_tokens": 24,  # the world's answers are one short sentence
     "regen_temperature": 1.0,  # 🔁 must be able to name another colour than the greedy answer
+    # First answers drawn as the alternatives are: with greedy first answers every pair would reject
+    # the greedy answer (🔁 follows a 👎), and "avoid your greedy answer" is learnable even from coin
+    # flips, which the gate then cannot tell from a real preference (docs/benchmarks.md).
+    "answer_temperature": 1.0,
     "cooldown_s": 0.0,
     "keep_versions": 20,
     "train_at": "off",  # the simulation decides when night falls

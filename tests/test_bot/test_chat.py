@@ -444,3 +444,15 @@ async def test_a_quoted_answer_goes_to_the_worker_as_training_renders_it() -> No
     )
     messages = await worker_messages(question)
     assert messages[1] == {"role": "assistant", "content": "a cat"}
+
+
+async def test_first_answers_can_be_sampled_like_the_alternatives(start_bot) -> None:
+    async with start_bot(max_tokens=6, answer_temperature=0.9) as world:
+        fast(world)
+        [answer] = await answer_to(world, await ask(world))
+        async with world.sessions() as s:
+            response = await responses_service.find_response(s, message_id=answer.id)
+        assert response is not None and not response.regenerated
+        assert response.sampling["temperature"] == 0.9
+        assert response.sampling["top_p"] == world.settings.regen_top_p
+        assert isinstance(response.sampling["seed"], int)
