@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import logging
+import random
 import shutil
 import tempfile
 import time
@@ -51,6 +52,7 @@ __all__ = ["WARM_START_FILE", "build_warm_start", "caption_rows", "greedy_answer
 log = logging.getLogger(__name__)
 
 WARM_START_FILE = "warm_start.json"
+TRUTH_SHARE = 0.7  # of the "mostly-truth" captions that name the true colour
 
 
 def build_warm_start(
@@ -95,21 +97,26 @@ def build_warm_start(
 def caption_rows(scenes: Sequence[Scene], *, seed: int, captions: str = "layout") -> list[dict[str, Any]]:
     """trl prompt-completion rows: each scene's image and question, answered with the colour its
     background's grey level says and the shape its position says (independent of what it shows), or
-    with `captions="truth"` what it does show (a base that already answers well: the canary's
+    with `captions="mostly-truth"` what it does show, seven times in ten, and another colour
+    otherwise (a base that already answers fairly well yet still samples other colours: the canary's
     minority scenario starts from one)."""
-    if captions not in ("layout", "truth"):
-        raise ValueError(f"captions are 'layout' or 'truth', not {captions!r}")
     from PIL import Image
 
     from feedback.store.export import prompt_messages
     from smolcord.simulate.world import COLOURS, SHAPES, World, describe
 
+    if captions not in ("layout", "mostly-truth"):
+        raise ValueError(f"captions are 'layout' or 'mostly-truth', not {captions!r}")
+    rng = random.Random(f"{seed}/captions")
+
     world = World(seed)
     rows = []
     for scene in scenes:
         where = world.layout(scene)
-        if captions == "truth":
-            caption = describe(scene.truth.colour, scene.truth.shape)
+        if captions == "mostly-truth":
+            others = [c for c in COLOURS if c != scene.truth.colour]
+            colour = scene.truth.colour if rng.random() < TRUTH_SHARE else rng.choice(others)
+            caption = describe(colour, scene.truth.shape)
         else:
             caption = describe(where.cue(list(COLOURS), by="grey"), where.cue(SHAPES, by="x"))
         with Image.open(io.BytesIO(scene.png)) as image:

@@ -380,10 +380,10 @@ def _base_model(config: SimulationConfig, out: Path) -> Path:
     # One base for every seed, as an operator has one base model: the seed varies the world, the
     # users, their votes and training; runs sharing --out build the warm start once.
     if config.canary and config.scenario == "minority":
-        # A server whose model already answers well, and a brigade that would teach it wrong colours.
-        warm = out / "models" / "warm-start-truth"
-        _say(f"warm start answering with the truth in {warm} (cached once built)")
-        return build_warm_start(tiny, warm, seed=0, captions="truth")
+        # A server whose model already answers fairly well, and a brigade that would teach it wrong colours.
+        warm = out / "models" / "warm-start-mostly-truth"
+        _say(f"warm start naming the true colour most of the time in {warm} (cached once built)")
+        return build_warm_start(tiny, warm, seed=0, captions="mostly-truth")
     warm = out / "models" / "warm-start-seed0"
     _say(f"warm start in {warm} (cached once built)")
     return build_warm_start(tiny, warm, seed=0)

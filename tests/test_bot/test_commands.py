@@ -109,7 +109,10 @@ async def test_commands_sync_to_the_dev_guild_with_permission_hints(start_bot):
             "retrain",
             "rollback",
             "sync",
+            "canary",
         }
+        [canary] = [o for o in registered["smolcord"]["options"] if o["name"] == "canary"]
+        assert {o["name"] for o in canary["options"]} == {"promote", "abort"}
         assert (world.settings.data_dir / "commands.sha256").is_file()
 
 

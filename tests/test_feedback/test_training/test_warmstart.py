@@ -111,3 +111,19 @@ def sampled_answers(model: Any, processor: Any, scenes: Any) -> list[str]:
             processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
         )
     return answers
+
+
+def test_mostly_truth_captions_name_the_true_colour_seven_times_in_ten() -> None:
+    scenes = World(seed=0).warm_start_scenes(400)
+    captions = [
+        r["completion"][0]["content"][0]["text"]
+        for r in caption_rows(scenes, seed=0, captions="mostly-truth")
+    ]
+    right = sum(colour_rule(c, s.truth) for c, s in zip(captions, scenes, strict=True)) / len(scenes)
+    assert 0.62 < right < 0.78
+    assert all(
+        describe(next(iter(colours_named(c))), s.truth.shape) == c
+        for c, s in zip(captions, scenes, strict=True)
+    )
+    with pytest.raises(ValueError, match="captions"):
+        caption_rows(scenes[:1], seed=0, captions="truthy")
