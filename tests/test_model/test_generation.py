@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -225,8 +226,11 @@ def test_a_failure_in_one_rows_sampling_or_stopping_ends_that_row_only(engine: E
     sampler, stopper = RowSampler(rows), RowStopper(rows, stop_ids=engine.stop_ids, max_model_len=1000)
     streamer = BatchStreamer(rows, stop_ids=engine.stop_ids, model_name="m", deliver=delivered.extend)
     streamer.put(torch.zeros(3, 4, dtype=torch.long))
+    noise = torch.Generator().manual_seed(0)
     for _ in range(3):
-        scores = sampler(torch.zeros(3, 1, dtype=torch.long), torch.randn(3, 50))
+        logits = torch.randn(3, 50, generator=noise)
+        logits[:, [i for i in engine.stop_ids if i < 50]] = -math.inf  # the healthy row must run to length
+        scores = sampler(torch.zeros(3, 1, dtype=torch.long), logits)
         done = stopper(scores.argmax(-1, keepdim=True), scores)
         streamer.put(scores.argmax(-1))
     assert done.tolist() == [True, True, True]
