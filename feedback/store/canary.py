@@ -2,8 +2,9 @@
 
 A candidate that passed the offline gate serves a sticky share of users (smolcord.canary) beside
 the current version; the registry on disk says which canary runs, this module keeps its history
-and decides it. Each arm's numbers count *rated answers*: responses served by that version since
-the canary began, in prompts eligible for training, whose net vote is not zero (one vote per
+and decides it. Each arm's numbers count *rated answers*: first answers (not 🔁 alternatives, which
+exist only because an answer was disliked) served by that version since the canary began, in
+prompts eligible for training, whose net vote is not zero (one vote per
 user, (👍 present) − (👎 present), summed: exactly as pair building counts them, consent and voter
 rules included, so the canary is judged by the votes training would use). An answer is *liked*
 when its net vote is positive; an arm's 👍 share is liked / rated.
@@ -229,7 +230,14 @@ class ArmStats:
 async def arm_stats(
     session: AsyncSession, *, settings: Settings, version: str | None, since: datetime
 ) -> ArmStats:
-    """Rated and liked answers served by `version` since `since`, in eligible prompts, counted as pairs count votes."""
+    """Rated and liked first answers served by `version` since `since`, in eligible prompts, counted
+    as pairs count votes.
+
+    First answers only: a 🔁 alternative exists because someone disliked an answer, so counting the
+    alternatives would weigh each arm by how often its answers are disliked and by who presses 🔁
+    most (a 🔁-happy minority casts several votes a question). A first answer is one fresh draw of
+    the version's answers to one question: the share the arm's people get.
+    """
     # the pair builder's own scores (consent, DMs, opted-out voters, voter roles): no rule of our own
     scores = trainable_scores(settings)
     served = Response.adapter_version.is_(None) if version is None else Response.adapter_version == version
@@ -237,7 +245,7 @@ async def arm_stats(
         select(func.count(), func.coalesce(func.sum(case((scores.c.score > 0, 1), else_=0)), 0))
         .select_from(scores)
         .join(Response, Response.id == scores.c.response_id)
-        .where(served, Response.created_at >= since)
+        .where(served, Response.created_at >= since, Response.regenerated.is_(False))
     )
     async with transaction(session):
         rated, liked = (await session.execute(statement)).one()

@@ -273,6 +273,20 @@ async def test_arm_stats_count_net_votes_per_answer_in_eligible_prompts(store):
     assert await stats_of(store, "v3", since) == (0, 0)
 
 
+async def test_arm_stats_count_first_answers_not_the_alternatives_asked_after_a_dislike(store):
+    """A 🔁 alternative exists because an answer was disliked: counting alternatives would weigh an
+    arm by its dislikes and by whoever presses 🔁 most."""
+    await store.learning()
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    recorded = await store.prompt()
+    _, [first] = await store.answer(recorded.id, "first", adapter_version="v2")
+    await store.vote(first, 1, "👎")
+    for n in range(3):  # a 🔁-happy voter's chain of alternatives, all disliked but the last
+        _, [other] = await store.answer(recorded.id, f"alt {n}", adapter_version="v2", regenerated=True)
+        await store.vote(other, 1, "👍" if n == 2 else "👎")
+    assert await stats_of(store, "v2", since) == (1, 0)
+
+
 async def test_arm_stats_leave_out_what_training_leaves_out(store):
     other_guild, role_guild = GUILD + 1, GUILD + 2
     await store.learning()
