@@ -524,7 +524,9 @@ def test_a_candidate_that_passes_the_gate_goes_into_canary_and_no_run_trains_whi
     processor, data = colour_data
     data_dir = copy_store(colour_store, tmp_path / "data")
     with FakeWorker() as worker:
-        settings = make_settings(data_dir, tiny_model_dir, worker_url=worker.url, canary=True, canary_share=0.3)
+        settings = make_settings(
+            data_dir, tiny_model_dir, worker_url=worker.url, canary=True, canary_share=0.3
+        )
         registry = registry_of(settings)
         with JobStore(settings) as store:
             outcome = publish_candidate(
