@@ -27,6 +27,7 @@ PROGRESS_EDIT_INTERVAL_S = 2.0  # Discord allows 5 edits per 5 s per channel; an
 REPORT_NAME = "report.png"
 _VERDICT_MARK = {
     "promoted": "✅",
+    "canary": "🐤",  # passed the gate: a share of users get it until their votes decide
     "rejected": "❌",
     "skipped": "⏭️",
     "dry-run": "🔍",
@@ -72,7 +73,7 @@ def describe_result(result: RunResult) -> str:
         pairs = record.get("heldout_pairs")
         over = f" over {pairs} held-out pairs" if pairs is not None else ""
         lines.append(f"held-out preference accuracy {accuracy:.3f}{against}{over}")
-    if record.get("current") is not None or result.verdict in ("promoted", "rejected"):
+    if record.get("current") is not None or result.verdict in ("promoted", "canary", "rejected"):
         lines.append(f"served now: {record.get('current') or 'the base model'}")
     if record.get("worker"):
         lines.append(str(record["worker"]))

@@ -1,9 +1,10 @@
-"""The whole loop, as a server lives it: consent, questions about images, votes, 🔁, retraining, the new
-adapter answering, rollback.
+"""The whole loop, as a server lives it: consent, questions about images, votes, 🔁, retraining, the
+candidate in canary, an admin promoting it, the new adapter answering, rollback.
 
 Everything is real but Discord: the discord.py client against FakeDiscord, the worker on the tiny
 model, a SQLite file, and `/smolcord retrain` running the real `python -m smolcord train` child
-process, which trains, gates, promotes v1 through the registry and tells the worker to serve it.
+process, which trains, gates, puts v1 in canary through the registry and tells the worker to serve
+it beside current; `/smolcord canary promote` then serves it to everyone.
 The gate is opened wide (one held-out pair, a margin of -1): a handful of votes on a random tiny
 model cannot show a real improvement, and what is under test here is the plumbing between the
 parts (the gate has tests of its own in tests/test_feedback/test_training/test_train.py).
@@ -142,17 +143,29 @@ async def _the_loop(world: BotWorld, fake: Any) -> None:
             a.message is not None
             and "Training run" in a.message.content
             and any(
-                word in a.data.get("content", "") for word in ("promoted", "rejected", "failed", "skipped")
+                word in a.data.get("content", "")
+                for word in ("promoted", "canary", "rejected", "failed", "skipped")
             )
         ),
         timeout=180,
         since=0,
     )
     report = verdict.message
-    assert "✅ **promoted**: v1" in report.content, report.content
-    assert "the worker serves v1 now" in report.content
+    # SMOLCORD_CANARY is on by default: the gated candidate first serves a share of users
+    assert "🐤 **canary**: v1" in report.content and "in canary for 20% of users" in report.content, (
+        report.content
+    )
+    assert "the worker serves v1 beside current now" in report.content
     assert [name for name, _ in report.files] == ["v1-report.png"]
-    assert world.bot.registry.current() == "v1"
+    assert world.bot.registry.current() is None and world.bot.registry.candidate() == "v1"
+    assert (await world.bot.worker.health())["candidate"] == "v1"
+    _, status = await run_command(world, "smolcord status", owner)
+    assert "Canary: **v1**" in status.content and "Decision: waiting (min_rated)" in status.content
+
+    # ---- the admin does not wait for the live votes: promote now
+    _, decided = await run_command(world, "smolcord canary promote", owner)
+    assert "v1 promoted to everyone (admin)" in decided.content, decided.content
+    assert world.bot.registry.current() == "v1" and world.bot.registry.candidate() is None
 
     # ---- the new adapter is served: /health, /smolcord status and the answers' footer name it
     assert (await world.bot.worker.health())["adapter"] == "v1"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from smolcord.cli import main
-from smolcord.simulate.loop import SMALL_COMMUNITY, SimulationConfig, run
+from smolcord.simulate.loop import SMALL_COMMUNITY, TINY_TRAIN_ARGS, SimulationConfig, run
 
 
 @pytest.mark.slow
@@ -84,6 +84,8 @@ def test_a_colour_community_is_answered_better_after_two_nights(
     passes the gate, and the served version's 👍 share on the fixed evaluation set rises."""
     monkeypatch.setenv("SMOLCORD_DEVICE", "cpu")
     monkeypatch.setenv("SMOLCORD_HELDOUT_FRACTION", "0.4")  # enough held-out pairs by the second night
+    # The tiny model's flags, as the command uses them without --model (here the base is given).
+    monkeypatch.setenv("SMOLCORD_TRAIN_ARGS", TINY_TRAIN_ARGS["dpo"])
     out = tmp_path / "sim"
     config = SimulationConfig(
         rounds=2,
