@@ -13,8 +13,15 @@ into its weights by `model.adapters.MergedAdapters`, the worker's own code.
   candidate is better than current (it ranks the pair right and current does not, or current
   ties), worse, or the same. With W pairs better and L worse, p = P(X >= W) for X ~ Binomial(W + L,
   1/2): how likely a candidate no better than current would look this good. The candidate is
-  promoted only when p <= 1 - SMOLCORD_GATE_CONFIDENCE (0.95 by default: a coin-flip candidate
-  passes at most 5% of the time) AND its accuracy beats current's by SMOLCORD_GATE_MARGIN.
+  promoted only when p is at most the test's level AND its accuracy beats current's by
+  SMOLCORD_GATE_MARGIN.
+- The level is spent over the nights, not granted afresh each night: the nightly job tests a new
+  candidate against the same current version night after night, and a 5% test repeated six times
+  lets coin-flip votes through about a quarter of the time. The k-th candidate tested against one
+  version must reach p <= alpha / (k (k + 1)), alpha = 1 - SMOLCORD_GATE_CONFIDENCE (0.025, 0.0083,
+  0.0042, ... at the default 0.95). These levels sum to alpha, so votes that carry no preference
+  replace a served version with probability at most alpha over all the nights it serves (a union
+  bound: `sign_test_level`). A promotion starts the count again for the new version.
 - Probes: greedy answers to a few held-out questions. A candidate whose answers are empty or
   degenerate (looping) more often than current's is refused, however well it ranks the pairs.
 """
@@ -40,6 +47,7 @@ __all__ = [
     "preference_score",
     "score_versions",
     "sign_test",
+    "sign_test_level",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,6 +100,8 @@ class GateVerdict:
     better: int | None = None  # held-out pairs the candidate ranks better than current
     worse: int | None = None  # ... and worse
     p_value: float | None = None  # one-sided sign test of better against worse
+    test_number: int = 1  # the k-th candidate tested against this current version
+    level: float | None = None  # the p-value this test needed: alpha / (k (k + 1))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,11 +157,27 @@ def is_degenerate(token_ids: Sequence[int], text: str) -> bool:
     return 1 - len(set(grams)) / len(grams) > DEGENERATE_REPEAT_SHARE
 
 
+def sign_test_level(confidence: float, test_number: int) -> float:
+    """The p-value the `test_number`-th candidate tested against one current version must reach:
+    alpha / (k (k + 1)) with alpha = 1 - confidence. Summed over k = 1, 2, ... it is alpha."""
+    if test_number < 1:
+        raise ValueError(f"test_number counts from 1, not {test_number}")
+    return (1.0 - confidence) / (test_number * (test_number + 1))
+
+
 def decide(
-    scores: GateScores, *, min_heldout: int, margin: float, confidence: float = 0.95, force: bool = False
+    scores: GateScores,
+    *,
+    min_heldout: int,
+    margin: float,
+    confidence: float = 0.95,
+    force: bool = False,
+    earlier_tests: int = 0,
 ) -> GateVerdict:
     """Promote only with enough held-out pairs, an accuracy gain of at least `margin` that a one-sided
-    sign test finds significant at `confidence`, and probes no worse than current's."""
+    sign test finds significant at this test's level (`confidence` spread over every candidate tested
+    against the same current version; `earlier_tests` of them came before), and probes no worse than
+    current's."""
     if scores.error:  # integrity, not judgement: --force does not override it
         return GateVerdict(False, [f"candidate refused: {scores.error}"], forced=False)
     reasons = []
@@ -159,6 +185,8 @@ def decide(
     against = scores.current_version or "the base model"
     better = worse = None
     p_value = None
+    test_number = earlier_tests + 1
+    level = sign_test_level(confidence, test_number)
     if candidate.pairs < min_heldout:
         reasons.append(
             f"only {candidate.pairs} held-out pairs; the gate needs at least {min_heldout} "
@@ -176,11 +204,11 @@ def decide(
                 f"held-out accuracy {candidate.accuracy:.3f} is not above {against}'s "
                 f"{current.accuracy:.3f} by {margin:g} (SMOLCORD_GATE_MARGIN)"
             )
-        elif p_value > 1 - confidence + 1e-12:
+        elif p_value > level + 1e-12:
             reasons.append(
                 f"held-out accuracy {candidate.accuracy:.3f} against {against}'s {current.accuracy:.3f} "
-                f"could be chance ({evidence}, needs <= {1 - confidence:.3g} at "
-                f"{confidence:.0%} confidence, SMOLCORD_GATE_CONFIDENCE)"
+                f"could be chance ({evidence}, needs <= {level:.2g}: candidate {test_number} tested "
+                f"against {against}, {confidence:.0%} confidence spread over them, SMOLCORD_GATE_CONFIDENCE)"
             )
     if scores.candidate_probes.degenerate > scores.current_probes.degenerate:
         reasons.append(
@@ -193,13 +221,17 @@ def decide(
             True,
             [
                 f"held-out accuracy {candidate.accuracy:.3f} beats {against}'s {current.accuracy:.3f} "
-                f"(better on {better} pairs, worse on {worse}: one-sided sign test p = {p_value:.3g})"
+                f"(better on {better} pairs, worse on {worse}: one-sided sign test p = {p_value:.3g}, "
+                f"needs <= {level:.2g} as candidate {test_number} tested against it)"
             ],
-            better=better, worse=worse, p_value=p_value,
+            better=better, worse=worse, p_value=p_value, test_number=test_number, level=level,
         )  # fmt: skip
     if force:
         reasons.append("promoted anyway (--force)")
-    return GateVerdict(force, reasons, forced=force, better=better, worse=worse, p_value=p_value)
+    return GateVerdict(
+        force, reasons, forced=force, better=better, worse=worse, p_value=p_value,
+        test_number=test_number, level=level,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ scoring

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from smolcord.registry import AdapterRegistry
     from smolcord.settings import Settings
 
-__all__ = ["Outcome", "candidate_metrics", "publish_candidate", "tell_worker"]
+__all__ = ["Outcome", "candidate_metrics", "earlier_tests", "publish_candidate", "tell_worker"]
 
 
 @dataclass
@@ -73,7 +73,7 @@ def publish_candidate(
         )  # fmt: skip
         verdict = decide(
             scores, min_heldout=settings.gate_min_heldout, margin=settings.gate_margin,
-            confidence=settings.gate_confidence, force=force,
+            confidence=settings.gate_confidence, force=force, earlier_tests=earlier_tests(store, current),
         )  # fmt: skip
         staged.metrics.update(
             candidate_metrics(settings, method, data, hp, scores, verdict, history, trained or {}, run_id)
@@ -107,6 +107,21 @@ def publish_candidate(
     else:
         store.record_adapter(version=version, run_id=run_id, metrics=metrics, promoted=promoted)
     return Outcome(version, promoted, message, metrics, registry.path(version) / report.name, canary)
+
+
+def earlier_tests(store: JobStore, current: str | None) -> int:
+    """How many candidates the gate's sign test already compared with `current` (None: the base).
+
+    Read from the store's adapter history, which outlives the registry's pruning, so the count (and
+    with it how strict the next test is: `gate.test_level`) never goes back down while `current` is
+    served; every recorded test counts, forced ones and those from before a rollback included."""
+    return sum(
+        1
+        for record in store.list_adapters()
+        if record.metrics
+        and (record.metrics.get("gate") or {}).get("p_value") is not None
+        and (record.metrics.get("current") or {}).get("version") == current
+    )
 
 
 def candidate_metrics(

@@ -283,6 +283,8 @@ async def _night(runner: Any, settings: Settings, train: bool, why: str, number:
         "candidate": result.version,
         "reasons": gate.get("reasons") or [result.message],
         "p_value": gate.get("p_value"),
+        "gate_test": gate.get("test_number"),  # the k-th candidate tested against the served version
+        "gate_level": gate.get("level"),  # the p-value it needed
         "pairs_used": data.get("train_pairs", data.get("train_answers")),
         "heldout_pairs": record.get("heldout_pairs"),
         "heldout_accuracy": record.get("heldout_accuracy"),

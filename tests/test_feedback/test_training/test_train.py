@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -39,6 +41,7 @@ from feedback.training.gate import (
     is_degenerate,
     preference_score,
     sign_test,
+    sign_test_level,
 )
 from feedback.training.job import (
     EXIT_ALREADY_RUNNING,
@@ -47,7 +50,7 @@ from feedback.training.job import (
     EXIT_TOO_FEW,
     run,
 )
-from feedback.training.publish import publish_candidate
+from feedback.training.publish import earlier_tests, publish_candidate
 from feedback.training.store import JobStore
 from feedback.training.trainer import (
     NotEnoughGpuMemory,
@@ -288,6 +291,11 @@ def test_a_candidate_trained_on_reversed_labels_is_rejected(tmp_path: Path, tiny
     assert "not above" in " ".join(metrics["gate"]["reasons"])
     assert final["worker"].startswith("not told")
     assert read_store(settings, JobStore.list_adapters)[0].status == "rejected"
+    assert (metrics["gate"]["test_number"], metrics["gate"]["level"]) == (1, pytest.approx(0.025))
+    # The next night's candidate is the second tested against the base: its test is stricter.
+    assert run(settings, RunArguments(progress="none"), FAST, stdout=io.StringIO()) == EXIT_REJECTED
+    second = registry.metrics("v2")["gate"]
+    assert (second["test_number"], second["level"]) == (2, pytest.approx(0.05 / 6))
 
 
 @pytest.mark.slow
@@ -663,8 +671,8 @@ def test_gate_decisions() -> None:
     current = [1.0] * 12 + [0.0] * 8
     small = decide(gate_scores([1.0] * 16 + [0.0] * 4, current), min_heldout=16, margin=0.05)
     assert not small.promote and "could be chance" in small.reasons[0] and small.p_value == 1 / 16
-    assert decide(
-        gate_scores([1.0] * 16 + [0.0] * 4, current), min_heldout=16, margin=0.05, confidence=0.9
+    assert decide(  # the first test against a version may spend half of alpha: 0.1 at 0.8
+        gate_scores([1.0] * 16 + [0.0] * 4, current), min_heldout=16, margin=0.05, confidence=0.8
     ).promote
     # Significant, but the gain is below the margin.
     slim = decide(gate_scores([1.0] * 18 + [0.0] * 2, [0.5] * 20), min_heldout=16, margin=0.5)
@@ -690,6 +698,58 @@ def test_a_coin_flip_candidate_is_promoted_at_most_five_percent_of_the_time(pair
     # The point estimate alone (accuracy above the base's by the margin) would promote far more often.
     by_margin = sum(math.comb(pairs, r) for r in range(pairs + 1) if r / pairs >= 0.55) / 2**pairs
     assert by_margin > 0.15
+
+
+def test_the_gate_spends_its_level_over_the_candidates_tested_against_one_version() -> None:
+    levels = [sign_test_level(0.95, k) for k in range(1, 2001)]
+    assert levels[:3] == pytest.approx([0.025, 0.05 / 6, 0.05 / 12])
+    assert all(a > b for a, b in itertools.pairwise(levels)) and 0.0499 < sum(levels) <= 0.05
+    with pytest.raises(ValueError):
+        sign_test_level(0.95, 0)
+    # 9 better, 1 worse: p = 11/1024 = 0.0107 passes as the first test (0.025), not as the second.
+    evidence = gate_scores([1.0] * 9 + [0.0] * 1 + [0.5] * 6, [0.5] * 16, version=None)
+    first = decide(evidence, min_heldout=16, margin=0.05)
+    second = decide(evidence, min_heldout=16, margin=0.05, earlier_tests=1)
+    assert first.promote and (first.test_number, first.level) == (1, pytest.approx(0.025))
+    assert not second.promote and second.test_number == 2 and "candidate 2 tested" in second.reasons[0]
+    assert second.p_value == pytest.approx(11 / 1024)
+
+
+def test_coin_flip_candidates_night_after_night_replace_a_version_at_most_five_percent_of_the_time() -> None:
+    """Exactly, for candidates no better than current tested on 16..40 held-out pairs, one more a night:
+    the chance that any of 25 nights promotes is at most 1 - 0.95 (the union of the nights' levels);
+    at the old fixed 0.05 a night it was several times that."""
+
+    def p_promote(pairs: int, earlier: int, **fixed: float) -> float:
+        total = 0.0
+        for right in range(pairs + 1):
+            scores = gate_scores([1.0] * right + [0.0] * (pairs - right), [0.5] * pairs, version=None)
+            if decide(scores, min_heldout=16, margin=0.05, earlier_tests=earlier, **fixed).promote:
+                total += math.comb(pairs, right) / 2**pairs
+        return total
+
+    spent = sum(p_promote(16 + night, night) for night in range(25))
+    assert 0 < spent <= 0.05
+    # Without spending (every night a first test at 0.9 confidence: level 0.05): far above 5%.
+    assert sum(p_promote(16 + night, 0, confidence=0.9) for night in range(25)) > 0.5
+
+
+def test_earlier_tests_count_the_sign_tests_against_the_same_current_version() -> None:
+    def record(current: str | None, p_value: float | None) -> Any:
+        metrics = {"current": {"version": current}, "gate": {"p_value": p_value}}
+        return SimpleNamespace(metrics=metrics)
+
+    history = [
+        record(None, 0.3),
+        record(None, None),
+        record("v1", 0.2),
+        record(None, 0.01),
+        record("v1", 0.5),
+    ]
+    history.append(SimpleNamespace(metrics=None))  # a version recorded before metrics existed
+    store = SimpleNamespace(list_adapters=lambda: history)
+    assert earlier_tests(store, None) == 2  # the one without a sign test (too few pairs) spent nothing
+    assert earlier_tests(store, "v1") == 2 and earlier_tests(store, "v2") == 0
 
 
 def test_preference_accuracy_counts_ties_as_half() -> None:
