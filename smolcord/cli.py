@@ -56,13 +56,19 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    if not 0 <= args.bystanders < users:
+        print(
+            f"smolcord simulate: --bystanders must be between 0 and {users - 1} (the other users)",
+            file=sys.stderr,
+        )
+        return 2
     if args.scenario is not None and not args.canary:
         print("smolcord simulate: --scenario is a canary scenario: add --canary", file=sys.stderr)
         return 2
     config = SimulationConfig(
         rounds=args.rounds, users=users, questions=questions, eval_questions=args.eval_questions,
         rule=args.rule, noise=args.noise, method=args.method, seed=args.seed, out=args.out, model=args.model,
-        canary=args.canary, scenario=args.scenario or "honest",
+        bystanders=args.bystanders, canary=args.canary, scenario=args.scenario or "honest",
     )  # fmt: skip
     return run(config)
 
@@ -410,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rule", choices=["colour", "shape", "short", "random"], default="colour")
     p.add_argument("--noise", type=float, default=0.0, help="each vote flipped with this probability")
+    p.add_argument(
+        "--bystanders", type=int, default=0,
+        help="other users who also vote on every answer (by the rule, with the noise; never 🔁): default 0",
+    )  # fmt: skip
     p.add_argument("--method", choices=["dpo", "kto", "sft+dpo"], default="dpo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -83,6 +83,8 @@ class RoundTraffic:
     disliked: int = 0
     first_liked: int = 0  # first answers liked: the served model's 👍 share on the round's own traffic
     failed: int = 0  # answers the worker could not give (none expected)
+    bystander_votes: int = 0  # votes by people who saw an answer to someone else's question
+    bystanders_liked: int = 0
     by_version: dict[str, list[int]] = field(default_factory=dict)  # version -> [answers, liked]
 
     def as_dict(self) -> dict[str, Any]:
@@ -94,6 +96,8 @@ class RoundTraffic:
             "votes_down": self.disliked,
             "first_answer_up_share": round(self.first_liked / self.questions, 4) if self.questions else None,
             "failed": self.failed,
+            "bystander_votes": self.bystander_votes,
+            "bystanders_liked": self.bystanders_liked,
             "by_version": {
                 version: {"answers": answers, "liked": liked, "up_share": round(liked / answers, 4)}
                 for version, (answers, liked) in sorted(self.by_version.items())
@@ -112,11 +116,15 @@ class Community:
         answerer: Answerer,
         users: Sequence[SimulatedUser],
         max_regenerations: int = 3,
+        bystanders: int = 0,
         concurrency: int = 8,
         seed: int = 0,
     ) -> None:
         self.settings, self.sessions, self.answerer, self.users = settings, sessions, answerer, list(users)
         self.max_regenerations = max_regenerations
+        if not 0 <= bystanders < len(self.users):
+            raise ValueError(f"bystanders must be between 0 and the other users ({len(self.users) - 1})")
+        self.bystanders = bystanders  # others in the channel who also vote on each answer they see
         self._concurrency = concurrency
         self._channels = itertools.count(_FIRST_CHANNEL_ID + seed * 10**9)
         self._messages = itertools.count(_FIRST_MESSAGE_ID + seed * 10**9)
@@ -203,13 +211,21 @@ class Community:
             return None
         traffic.answers += 1
         liked = user.vote(answer.text, scene.truth)
+        # The asker votes; so do the next `bystanders` users after them, by their own rule and noise
+        # (they never press 🔁: the question is not theirs). The store sums the votes per answer.
+        at = next(i for i, u in enumerate(self.users) if u.id == user.id)
+        others = [self.users[(at + k) % len(self.users)] for k in range(1, self.bystanders + 1)]
+        votes = [(user.id, liked), *((other.id, other.vote(answer.text, scene.truth)) for other in others)]
         async with self.sessions() as session:
-            await reactions_service.set_reaction(
-                session,
-                message_id=answer.message_ids[-1],
-                user_id=user.id,
-                emoji=THUMBS_UP if liked else THUMBS_DOWN,
-            )
+            for voter_id, up in votes:
+                await reactions_service.set_reaction(
+                    session,
+                    message_id=answer.message_ids[-1],
+                    user_id=voter_id,
+                    emoji=THUMBS_UP if up else THUMBS_DOWN,
+                )
+        traffic.bystander_votes += len(votes) - 1
+        traffic.bystanders_liked += sum(up for _, up in votes[1:])
         if liked:
             traffic.liked += 1
         else:

@@ -94,6 +94,7 @@ class SimulationConfig:
     model: Path | None = None
     regenerate: float = 0.8  # how often a user presses 🔁 on an answer they dislike
     max_regenerations: int = 3
+    bystanders: int = 0  # other users who vote on each answer besides the asker
     canary: bool = False
     scenario: str = "honest"
 
@@ -184,7 +185,7 @@ async def _simulate(
             answerer.pacer = ChannelPacer(0.0)  # no Discord edit rate limit to respect here
             people = Community(
                 settings=settings, sessions=sessions, answerer=answerer, users=users,
-                max_regenerations=config.max_regenerations, seed=config.seed,
+                max_regenerations=config.max_regenerations, bystanders=config.bystanders, seed=config.seed,
             )  # fmt: skip
             await people.open_server()
             runner = TrainingRunner(settings)

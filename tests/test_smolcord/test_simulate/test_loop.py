@@ -33,6 +33,7 @@ def test_a_random_community_trains_but_the_gate_ships_no_noise(
         seed=4,
         out=out,
         model=warm_start_dir,
+        bystanders=2,  # two others vote on every answer too
     )
     stdout = io.StringIO()
     assert run(config, stdout=stdout) == 0
@@ -50,7 +51,8 @@ def test_a_random_community_trains_but_the_gate_ships_no_noise(
         traffic = record["traffic"]
         assert traffic["questions"] == 16 and traffic["failed"] == 0
         assert traffic["answers"] == 16 + traffic["regenerations"]
-        assert traffic["votes_up"] + traffic["votes_down"] == traffic["answers"]
+        assert traffic["votes_up"] + traffic["votes_down"] == traffic["answers"]  # the askers' votes
+        assert traffic["bystander_votes"] == 2 * traffic["answers"]
         assert 0.0 <= record["eval_up_share"] <= 1.0
     # Coin-flip votes make pairs, the nightly run trains on them, and the gate promotes nothing.
     trained = [r for r in rounds if r["trained"]]
@@ -68,7 +70,7 @@ def test_a_random_community_trains_but_the_gate_ships_no_noise(
         runs = db.execute("SELECT status, adapter_version FROM training_runs").fetchall()
     assert prompts == (32, 32)
     assert regenerated == sum(r["traffic"]["regenerations"] for r in rounds)
-    assert votes == sum(r["traffic"]["answers"] for r in rounds)
+    assert votes == 3 * sum(r["traffic"]["answers"] for r in rounds)  # asker and two bystanders each
     assert len(runs) == len(trained) and all(status == "succeeded" for status, _ in runs)
     rejected = [version for _, version in runs]
     assert all((out / "data" / "adapters" / version / "metrics.json").is_file() for version in rejected)
@@ -129,6 +131,8 @@ def test_the_command_line_takes_the_issues_flags(monkeypatch: pytest.MonkeyPatch
         "4",
         "--out",
         str(tmp_path),
+        "--bystanders",
+        "2",
     ]
     assert main(argv) == 0
     assert seen == [
@@ -143,5 +147,7 @@ def test_the_command_line_takes_the_issues_flags(monkeypatch: pytest.MonkeyPatch
             seed=4,
             out=tmp_path,
             model=None,
+            bystanders=2,
         )
     ]
+    assert main([*argv[:-1], "7"]) == 2 and len(seen) == 1  # only 6 others: refused, nothing run
