@@ -17,7 +17,7 @@ into its weights by `model.adapters.MergedAdapters`, the worker's own code.
   SMOLCORD_GATE_MARGIN.
 - The level is spent over the nights, not granted afresh each night: the nightly job tests a new
   candidate against the same current version night after night, and a 5% test repeated six times
-  lets coin-flip votes through about a quarter of the time. The k-th candidate tested against one
+  lets coin-flip votes through up to about a fifth of the time. The k-th candidate tested against one
   version must reach p <= alpha / (k (k + 1)), alpha = 1 - SMOLCORD_GATE_CONFIDENCE (0.025, 0.0083,
   0.0042, ... at the default 0.95). These levels sum to alpha, so votes that carry no preference
   replace a served version with probability at most alpha over all the nights it serves (a union

@@ -717,8 +717,8 @@ def test_the_gate_spends_its_level_over_the_candidates_tested_against_one_versio
 
 def test_coin_flip_candidates_night_after_night_replace_a_version_at_most_five_percent_of_the_time() -> None:
     """Exactly, for candidates no better than current tested on 16..40 held-out pairs, one more a night:
-    the chance that any of 25 nights promotes is at most 1 - 0.95 (the union of the nights' levels);
-    at the old fixed 0.05 a night it was several times that."""
+    the nights' chances of promoting add up to at most 1 - 0.95, which bounds the chance that any
+    night does; at the old fixed 0.05 a night they add up to more than ten times that."""
 
     def p_promote(pairs: int, earlier: int, **fixed: float) -> float:
         total = 0.0
