@@ -139,7 +139,8 @@ class Settings(BaseSettings):
     gate_min_heldout: int = Field(default=16, ge=0)
     gate_margin: float = 0.05
     # The gate's one-sided sign test must reject "no better than current" at this confidence, spent
-    # over every candidate tested against one served version (feedback/training/gate.py).
+    # over every candidate tested against one served version (feedback/training/gate.py); 0 turns
+    # the test off.
     gate_confidence: float = Field(default=0.95, ge=0.0, lt=1.0)
     keep_versions: int = Field(default=5, ge=1)
     # Canary rollout (feedback.store.canary): a gated candidate first serves a sticky share of users,

@@ -159,9 +159,12 @@ def is_degenerate(token_ids: Sequence[int], text: str) -> bool:
 
 def sign_test_level(confidence: float, test_number: int) -> float:
     """The p-value the `test_number`-th candidate tested against one current version must reach:
-    alpha / (k (k + 1)) with alpha = 1 - confidence. Summed over k = 1, 2, ... it is alpha."""
+    alpha / (k (k + 1)) with alpha = 1 - confidence. Summed over k = 1, 2, ... it is alpha.
+    Confidence 0 asks for no confidence at all: every p-value passes (level 1), night after night."""
     if test_number < 1:
         raise ValueError(f"test_number counts from 1, not {test_number}")
+    if confidence <= 0.0:
+        return 1.0
     return (1.0 - confidence) / (test_number * (test_number + 1))
 
 

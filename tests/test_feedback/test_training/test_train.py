@@ -706,6 +706,9 @@ def test_the_gate_spends_its_level_over_the_candidates_tested_against_one_versio
     assert all(a > b for a, b in itertools.pairwise(levels)) and 0.0499 < sum(levels) <= 0.05
     with pytest.raises(ValueError):
         sign_test_level(0.95, 0)
+    assert sign_test_level(0.0, 1) == sign_test_level(0.0, 7) == 1.0  # confidence 0: the test is off
+    worst = gate_scores([0.0] * 16, [0.5] * 16, version=None)  # worse on every pair: p = 1
+    assert decide(worst, min_heldout=16, margin=-1.0, confidence=0.0, earlier_tests=3).promote
     # 9 better, 1 worse: p = 11/1024 = 0.0107 passes as the first test (0.025), not as the second.
     evidence = gate_scores([1.0] * 9 + [0.0] * 1 + [0.5] * 6, [0.5] * 16, version=None)
     first = decide(evidence, min_heldout=16, margin=0.05)
