@@ -113,7 +113,7 @@ def earlier_tests(store: JobStore, current: str | None) -> int:
     """How many candidates the gate's sign test already compared with `current` (None: the base).
 
     Read from the store's adapter history, which outlives the registry's pruning, so the count (and
-    with it how strict the next test is: `gate.test_level`) never goes back down while `current` is
+    with it how strict the next test is: `gate.sign_test_level`) never goes back down while `current` is
     served; every recorded test counts, forced ones and those from before a rollback included."""
     return sum(
         1

@@ -124,7 +124,11 @@ class Community:
         self.max_regenerations = max_regenerations
         if not 0 <= bystanders < len(self.users):
             raise ValueError(f"bystanders must be between 0 and the other users ({len(self.users) - 1})")
-        self.bystanders = bystanders  # others in the channel who also vote on each answer they see
+        # Others in the channel who also vote on each answer a user gets: the next users after them.
+        self._bystanders = {
+            user.id: [self.users[(at + k) % len(self.users)] for k in range(1, bystanders + 1)]
+            for at, user in enumerate(self.users)
+        }
         self._concurrency = concurrency
         self._channels = itertools.count(_FIRST_CHANNEL_ID + seed * 10**9)
         self._messages = itertools.count(_FIRST_MESSAGE_ID + seed * 10**9)
@@ -211,10 +215,9 @@ class Community:
             return None
         traffic.answers += 1
         liked = user.vote(answer.text, scene.truth)
-        # The asker votes; so do the next `bystanders` users after them, by their own rule and noise
-        # (they never press 🔁: the question is not theirs). The store sums the votes per answer.
-        at = next(i for i, u in enumerate(self.users) if u.id == user.id)
-        others = [self.users[(at + k) % len(self.users)] for k in range(1, self.bystanders + 1)]
+        # The asker votes; so do their bystanders, by their own rule and noise (they never press 🔁:
+        # the question is not theirs). The store sums the votes per answer.
+        others = self._bystanders[user.id]
         votes = [(user.id, liked), *((other.id, other.vote(answer.text, scene.truth)) for other in others)]
         async with self.sessions() as session:
             for voter_id, up in votes:
